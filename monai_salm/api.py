@@ -1,0 +1,208 @@
+"""High-level SALM entry points used by the command line and the bundle."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.data import Dataset
+from monai.utils import set_determinism
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from monai_salm.engines import SALMSettings, SALMTrainer
+from monai_salm.networks import NoiseGenerator, build_classifier
+from monai_salm.transforms.functional import call_generator, perturb, resolve_k, saliency_scores, topk_mask
+
+__all__ = ["DEFAULTS", "make_dataset", "train_salm", "protect_tensor", "protection_stats"]
+
+#: Defaults chosen by the sweep in docs/results.md.
+DEFAULTS: dict[str, Any] = {
+    "k": 0.1,
+    "epsilon": 20 / 255,
+    "mask_mode": "class",
+    "flip_symmetric": True,
+    "label_conditioned": True,
+    "mask_refresh": 1,
+    "warmup_epochs": 1,
+    "generator_steps": 1,
+    "epochs": 10,
+    "batch_size": 128,
+    "surrogate_lr": 0.01,
+    "generator_lr": 2e-3,
+    "stop_accuracy": None,
+}
+
+
+def make_dataset(images: torch.Tensor, labels: torch.Tensor) -> Dataset:
+    """MONAI dataset of ``{"image", "label", "index"}`` dictionaries over in-memory tensors."""
+    return Dataset([{"image": images[i], "label": labels[i], "index": i} for i in range(images.shape[0])])
+
+
+def train_salm(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    epochs: int = DEFAULTS["epochs"],
+    k: float | int = DEFAULTS["k"],
+    epsilon: float = DEFAULTS["epsilon"],
+    mask_mode: str = DEFAULTS["mask_mode"],
+    flip_symmetric: bool = DEFAULTS["flip_symmetric"],
+    label_conditioned: bool = DEFAULTS["label_conditioned"],
+    mask_refresh: int = DEFAULTS["mask_refresh"],
+    warmup_epochs: int = DEFAULTS["warmup_epochs"],
+    generator_steps: int = DEFAULTS["generator_steps"],
+    batch_size: int = DEFAULTS["batch_size"],
+    surrogate_lr: float = DEFAULTS["surrogate_lr"],
+    generator_lr: float = DEFAULTS["generator_lr"],
+    stop_accuracy: float | None = DEFAULTS["stop_accuracy"],
+    value_range: Sequence[float] = (0.0, 1.0),
+    surrogate: str = "resnet18",
+    generator_kwargs: dict | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    handlers: Sequence | None = None,
+    progress: bool = False,
+) -> tuple[SALMTrainer, SALMSettings]:
+    """Train SALM's surrogate and generator on in-memory images.
+
+    Args:
+        images: ``(N, C, *spatial)`` scaled to ``value_range``.
+        labels: ``(N,)`` class indices.
+        num_classes: number of classes.
+        epochs .. generator_lr: see :class:`monai_salm.engines.SALMTrainer` and :data:`DEFAULTS`.
+        stop_accuracy: stop when the surrogate's protected accuracy reaches it (None: run all epochs).
+        progress: show an Ignite progress bar.
+
+    Returns:
+        the finished trainer (with final masks) and the settings to store in a checkpoint.
+
+    Raises:
+        ValueError: for labels out of range or bad ``k``/``epsilon``.
+    """
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}].")
+    resolve_k(k, math.prod(images.shape[2:]))
+    set_determinism(seed)
+    spatial_dims, in_channels = images.ndim - 2, images.shape[1]
+    generator_kwargs = dict(generator_kwargs or {})
+    generator = NoiseGenerator(spatial_dims, in_channels, num_classes if label_conditioned else 0, **generator_kwargs)
+    net = build_classifier(surrogate, spatial_dims, in_channels, num_classes)
+    dataset = make_dataset(images, labels)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size)
+    trainer = SALMTrainer(
+        device=device,
+        max_epochs=epochs,
+        train_data_loader=loader,
+        surrogate=net,
+        generator=generator,
+        surrogate_optimizer=torch.optim.SGD(net.parameters(), lr=surrogate_lr, momentum=0.9, weight_decay=5e-4),
+        generator_optimizer=torch.optim.Adam(generator.parameters(), lr=generator_lr),
+        epsilon=epsilon,
+        k=k,
+        value_range=value_range,
+        mask_mode=mask_mode,
+        flip_symmetric=flip_symmetric,
+        mask_refresh=mask_refresh,
+        generator_steps=generator_steps,
+        warmup_epochs=warmup_epochs,
+        stop_accuracy=stop_accuracy,
+        mask_loader=DataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False),
+        seed=seed,
+        train_handlers=handlers,
+    )
+    if progress:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=True).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+    start = time.perf_counter()
+    trainer.run()
+    trainer.refresh_masks()  # final masks and clean batch-norm statistics for release
+    trainer.train_seconds = time.perf_counter() - start
+    settings = SALMSettings(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        image_size=tuple(images.shape[2:]),
+        epsilon=float(epsilon),
+        k=k,
+        value_range=tuple(float(v) for v in value_range),
+        mask_mode=mask_mode,
+        label_conditioned=label_conditioned,
+        surrogate=surrogate,
+        generator=generator_kwargs,
+    )
+    return trainer, settings
+
+
+@torch.no_grad()
+def _generate(generator: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return call_generator(generator, x, y)
+
+
+def protect_tensor(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    settings: SALMSettings,
+    generator: torch.nn.Module,
+    surrogate: torch.nn.Module,
+    class_scores: torch.Tensor | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Protect images with a trained generator: one saliency gradient and one generator pass each.
+
+    Returns:
+        ``(protected, masks)`` on the CPU; masks are ``(N, 1, *spatial)`` bool.
+
+    Raises:
+        ValueError: when the images do not match the checkpoint (dims, channels, labels).
+    """
+    if images.ndim - 2 != settings.spatial_dims:
+        raise ValueError(f"checkpoint is {settings.spatial_dims}D but the images are {images.ndim - 2}D.")
+    if images.shape[1] != settings.in_channels:
+        raise ValueError(f"checkpoint expects {settings.in_channels} channel(s), the images have {images.shape[1]}.")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= settings.num_classes):
+        raise ValueError(f"labels must lie in [0, {settings.num_classes}) for this checkpoint.")
+    generator, surrogate = generator.to(device).eval(), surrogate.to(device).eval()
+    rng = torch.Generator().manual_seed(seed)
+    outs, masks = [], []
+    for start in tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc="protect"):
+        x = images[start : start + batch_size].to(device).float()
+        y = labels[start : start + batch_size].to(device).long()
+        if settings.mask_mode == "class":
+            mask = topk_mask(class_scores.to(device)[y], settings.k)
+        elif settings.mask_mode == "random":
+            mask = topk_mask(torch.rand(x.shape[0], *x.shape[2:], generator=rng).to(device), settings.k)
+        else:
+            mask = topk_mask(saliency_scores(surrogate, x, y), settings.k)
+        outs.append(perturb(x, mask, _generate(generator, x, y), settings.epsilon, settings.value_range).cpu())
+        masks.append(mask.bool().cpu())
+    return torch.cat(outs), torch.cat(masks)
+
+
+def protection_stats(clean, protected, data_range: float = 255.0) -> dict[str, float]:
+    """Changed-position fraction, max absolute change and PSNR between two arrays of equal shape.
+
+    Args:
+        clean: original array (numpy or torch), any layout.
+        protected: protected array of the same shape.
+        data_range: peak value for PSNR (255 for uint8).
+
+    Returns:
+        ``{"changed_fraction", "max_abs_change", "psnr_db"}``; changed fraction counts array elements.
+    """
+    a = torch.as_tensor(clean).double()
+    b = torch.as_tensor(protected).double()
+    diff = (a - b).abs()
+    mse = float((diff**2).mean())
+    return {
+        "changed_fraction": float((diff > 0).double().mean()),
+        "max_abs_change": float(diff.max()) if diff.numel() else 0.0,
+        "psnr_db": float("inf") if mse == 0 else 10.0 * math.log10(data_range**2 / mse),
+    }

@@ -1,0 +1,243 @@
+"""``monai-salm`` command line: train, protect, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from monai_salm.api import DEFAULTS, protect_tensor, protection_stats, train_salm
+from monai_salm.data import SPLITS, from_tensor, is_rgb, load_npz, save_npz, split_arrays, to_tensor
+from monai_salm.engines import load_protection, save_protection
+
+__all__ = ["main", "build_parser"]
+
+
+class CLIError(Exception):
+    """An input problem reported as one line and exit code 2."""
+
+
+def _k(text: str) -> float | int:
+    """``0.1`` -> fraction, ``50`` -> count."""
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"k must be a fraction in (0, 1] or an integer count, got {text!r}") from None
+
+
+def _eps(text: str) -> float:
+    """``8/255`` or ``0.03``."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"epsilon must be a number such as 0.08 or 20/255, got {text!r}") from None
+
+
+def _num_classes(arrays: dict[str, np.ndarray]) -> int:
+    return int(max(int(arrays[f"{s}_labels"].max()) for s in SPLITS if f"{s}_labels" in arrays and arrays[f"{s}_labels"].size)) + 1
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def _train(args: argparse.Namespace) -> dict:
+    arrays = load_npz(args.data)
+    images, labels = split_arrays(arrays, "train")
+    if args.limit:
+        images, labels = images[: args.limit], labels[: args.limit]
+    num_classes = args.num_classes or _num_classes(arrays)
+    if labels.max() >= num_classes:
+        raise CLIError(f"{args.data}: labels go up to {labels.max()} but --num-classes is {num_classes}.")
+    x = to_tensor(images)
+    print(f"train: {len(x)} images {tuple(x.shape[1:])}, {num_classes} classes, k={args.k}, eps={args.eps:.4f}, mask={args.mask_mode}")
+    trainer, settings = train_salm(
+        x,
+        torch.from_numpy(labels),
+        num_classes,
+        epochs=args.epochs,
+        k=args.k,
+        epsilon=args.eps,
+        mask_mode=args.mask_mode,
+        label_conditioned=not args.no_label_conditioning,
+        mask_refresh=args.mask_refresh,
+        warmup_epochs=args.warmup_epochs,
+        generator_steps=args.generator_steps,
+        batch_size=args.batch_size,
+        stop_accuracy=args.stop_accuracy,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    save_protection(
+        args.out,
+        settings,
+        trainer.generator,
+        trainer.surrogate,
+        trainer.class_scores,
+        extra={"train_seconds": trainer.train_seconds, "epochs_run": trainer.state.epoch, "data": str(args.data)},
+    )
+    summary = {
+        "checkpoint": str(args.out),
+        "epochs_run": trainer.state.epoch,
+        "protected_accuracy": trainer.state.metrics.get("protected_accuracy"),
+        "train_seconds": round(trainer.train_seconds, 1),
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+def _changed_pixels(clean: np.ndarray, protected: np.ndarray) -> float:
+    diff = clean != protected
+    if is_rgb(clean):
+        diff = diff.any(-1)
+    return float(diff.mean())
+
+
+def _protect(args: argparse.Namespace) -> dict:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out}: already exists (pass --overwrite to replace it).")
+    if out.resolve() == Path(args.data).resolve():
+        raise CLIError(f"{out}: refusing to overwrite the input file.")
+    try:
+        settings, generator, surrogate, class_scores = load_protection(args.checkpoint, args.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    arrays = load_npz(args.data, require=())
+    result = dict(arrays)
+    report = {}
+    start = time.perf_counter()
+    for split in args.splits:
+        if f"{split}_images" not in arrays:
+            raise CLIError(f"{args.data}: no split '{split}' to protect.")
+        images, labels = split_arrays(arrays, split)
+        x = to_tensor(images)
+        if tuple(x.shape[2:]) != tuple(settings.image_size) and settings.mask_mode == "class":
+            raise CLIError(f"{args.data}: images are {tuple(x.shape[2:])} but the checkpoint's class masks are {settings.image_size}.")
+        try:
+            protected, _ = protect_tensor(
+                x, torch.from_numpy(labels), settings, generator, surrogate, class_scores,
+                device=args.device, seed=args.seed, progress=not args.quiet,
+            )
+        except ValueError as e:
+            raise CLIError(f"{args.data}: {e}") from None
+        result[f"{split}_images"] = from_tensor(protected, images)
+        stats = protection_stats(images, result[f"{split}_images"], 255.0 if images.dtype == np.uint8 else 1.0)
+        stats["changed_pixel_fraction"] = _changed_pixels(images, result[f"{split}_images"])
+        report[split] = stats
+    report["protect_seconds"] = round(time.perf_counter() - start, 2)
+    save_npz(out, result)
+    for split in args.splits:
+        s = report[split]
+        print(
+            f"{split}: changed pixels {s['changed_pixel_fraction']:.4f}, max change {s['max_abs_change']:.1f}, "
+            f"PSNR {s['psnr_db']:.2f} dB"
+        )
+    print(json.dumps({"out": str(out), **report}))
+    return report
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from monai_salm.evaluation import train_victim
+
+    train_arrays = load_npz(args.train)
+    test_arrays = load_npz(args.test, require=("test",))
+    xtr, ytr = split_arrays(train_arrays, "train")
+    xte, yte = split_arrays(test_arrays, "test")
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise CLIError(f"{args.train} images {xtr.shape[1:]} and {args.test} images {xte.shape[1:]} differ in shape.")
+    if args.limit:
+        xtr, ytr = xtr[: args.limit], ytr[: args.limit]
+    num_classes = max(_num_classes(train_arrays), _num_classes(test_arrays))
+    report = train_victim(
+        to_tensor(xtr), torch.from_numpy(ytr), to_tensor(xte), torch.from_numpy(yte), num_classes,
+        epochs=args.epochs, network=args.victim, seed=args.seed, device=args.device, progress=not args.quiet,
+    )
+    report.update({"train_data": str(args.train), "test_data": str(args.test), "train_n": len(xtr)})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(
+        f"victim {args.victim}: accuracy {report['accuracy']:.4f} (best {report['best_accuracy']:.4f}), "
+        f"AUC {report['auc']:.4f} (best {report['best_auc']:.4f}), {report['train_seconds']:.0f} s"
+    )
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monai-salm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+        p.add_argument("--seed", type=int, default=0, help="random seed")
+        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("train", help="train SALM's surrogate and generator on a MedMNIST .npz")
+    p.add_argument("--data", required=True, help="MedMNIST-format .npz (train split is used)")
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="maximum min-min epochs")
+    p.add_argument("--k", type=_k, default=DEFAULTS["k"], help="fraction (0,1] or count of positions to perturb")
+    p.add_argument("--eps", type=_eps, default=DEFAULTS["epsilon"], help="L-inf budget in [0,1] units, e.g. 20/255")
+    p.add_argument("--mask-mode", choices=("sample", "class", "random"), default=DEFAULTS["mask_mode"], help="mask kind")
+    p.add_argument("--mask-refresh", type=int, default=DEFAULTS["mask_refresh"], help="recompute masks every N epochs")
+    p.add_argument("--warmup-epochs", type=int, default=DEFAULTS["warmup_epochs"], help="clean surrogate warm-up")
+    p.add_argument("--generator-steps", type=int, default=DEFAULTS["generator_steps"], help="generator steps per batch")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--stop-accuracy", type=float, default=DEFAULTS["stop_accuracy"], help="stop at this protected accuracy")
+    p.add_argument("--no-label-conditioning", action="store_true", help="generator without labels")
+    p.add_argument("--num-classes", type=int, default=0, help="default: max label + 1")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
+    common(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("protect", help="protect a MedMNIST .npz with a trained checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="output .npz (same keys, dtypes and shapes)")
+    p.add_argument("--splits", nargs="+", default=["train"], choices=SPLITS, help="splits to protect (default: train)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    common(p)
+    p.set_defaults(func=_protect)
+
+    p = sub.add_parser("evaluate", help="train a fresh victim on --train, test it on the clean test split of --test")
+    p.add_argument("--train", required=True, help=".npz whose train split the victim learns from")
+    p.add_argument("--test", required=True, help="clean .npz whose test split is used")
+    p.add_argument("--victim", default="resnet18")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
+    p.add_argument("--out", required=True, help="report folder")
+    common(p)
+    p.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    _set_threads(args)
+    for name in ("eps",):
+        if hasattr(args, name) and not 0 < getattr(args, name) <= 1:
+            print(f"monai-salm: error: epsilon must be in (0, 1], got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    try:
+        args.func(args)
+    except (CLIError, ValueError) as e:
+        print(f"monai-salm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

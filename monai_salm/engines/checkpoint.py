@@ -1,0 +1,154 @@
+"""One-file SALM checkpoint: generator, surrogate and every setting needed to protect new data."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.transforms import Compose
+
+from monai_salm.networks import NoiseGenerator, build_classifier
+from monai_salm.transforms import ApplyUnlearnableNoised, SaliencyMaskd
+
+__all__ = ["SALMSettings", "save_protection", "load_protection", "protection_transforms", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "monai-salm-checkpoint/1"
+
+
+@dataclasses.dataclass
+class SALMSettings:
+    """Everything that defines a protection, stored in the checkpoint.
+
+    Attributes:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        num_classes: number of classes.
+        image_size: spatial size the generator/surrogate were trained on.
+        epsilon: L-infinity budget in ``value_range`` units.
+        k: sparsity (fraction or count).
+        value_range: range of the scaled images.
+        intensity: how raw data maps to ``value_range`` (e.g. ``{"kind": "uint8", "scale": 255}``).
+        mask_mode: ``sample``, ``class`` or ``random``.
+        label_conditioned: whether the generator takes labels.
+        surrogate: surrogate architecture name.
+        generator: keyword arguments of :class:`NoiseGenerator`.
+    """
+
+    spatial_dims: int
+    in_channels: int
+    num_classes: int
+    image_size: tuple[int, ...]
+    epsilon: float
+    k: float | int
+    value_range: tuple[float, float] = (0.0, 1.0)
+    intensity: dict = dataclasses.field(default_factory=lambda: {"kind": "uint8", "scale": 255.0})
+    mask_mode: str = "sample"
+    label_conditioned: bool = True
+    surrogate: str = "resnet18"
+    generator: dict = dataclasses.field(default_factory=dict)
+
+
+def save_protection(
+    path: str | os.PathLike,
+    settings: SALMSettings,
+    generator: torch.nn.Module,
+    surrogate: torch.nn.Module,
+    class_scores: torch.Tensor | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint atomically (temporary file in the same folder, then rename).
+
+    Returns:
+        the path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "settings": dataclasses.asdict(settings),
+        "generator": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
+        "surrogate": {k: v.detach().cpu() for k, v in surrogate.state_dict().items()},
+        "class_scores": None if class_scores is None else class_scores.detach().cpu(),
+        "extra": extra or {},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_protection(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[SALMSettings, torch.nn.Module, torch.nn.Module, torch.Tensor | None]:
+    """Load a checkpoint written by :func:`save_protection`.
+
+    Returns:
+        ``(settings, generator, surrogate, class_scores)``, networks in eval mode on ``device``.
+
+    Raises:
+        ValueError: when the file is not a monai-salm checkpoint.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise ValueError(f"{path}: not a readable monai-salm checkpoint ({type(e).__name__}: {e}).") from e
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a monai-salm checkpoint (missing format {CHECKPOINT_FORMAT!r}).")
+    raw = dict(payload["settings"])
+    raw["image_size"] = tuple(raw["image_size"])
+    raw["value_range"] = tuple(raw["value_range"])
+    settings = SALMSettings(**raw)
+    generator = NoiseGenerator(
+        settings.spatial_dims,
+        settings.in_channels,
+        settings.num_classes if settings.label_conditioned else 0,
+        **settings.generator,
+    )
+    generator.load_state_dict(payload["generator"])
+    surrogate = build_classifier(settings.surrogate, settings.spatial_dims, settings.in_channels, settings.num_classes)
+    surrogate.load_state_dict(payload["surrogate"])
+    return settings, generator.to(device).eval(), surrogate.to(device).eval(), payload.get("class_scores")
+
+
+def protection_transforms(
+    path: str | os.PathLike,
+    keys: str | Sequence[str] = "image",
+    label_key: str = "label",
+    mask_key: str = "salm_mask",
+    device: str | torch.device = "cpu",
+) -> Compose:
+    """Ready-to-use ``Compose([SaliencyMaskd, ApplyUnlearnableNoised])`` from a checkpoint.
+
+    Images given to it must already be channel-first and scaled to the checkpoint's ``value_range``.
+    """
+    settings, generator, surrogate, class_scores = load_protection(path, device)
+    return Compose(
+        [
+            SaliencyMaskd(
+                keys,
+                label_key=label_key,
+                model=surrogate,
+                k=settings.k,
+                mask_key=mask_key,
+                class_scores=class_scores if settings.mask_mode == "class" else None,
+            ),
+            ApplyUnlearnableNoised(
+                keys,
+                mask_key=mask_key,
+                generator=generator,
+                epsilon=settings.epsilon,
+                label_key=label_key if settings.label_conditioned else None,
+                value_range=settings.value_range,
+            ),
+        ]
+    )

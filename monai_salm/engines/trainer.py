@@ -1,0 +1,283 @@
+"""Ignite/MONAI workflow for SALM's alternating min-min training (DESIGN.md 2.4)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from ignite.metrics import Accuracy
+from monai.engines import Trainer
+from monai.handlers import from_engine
+from monai.utils import CommonKeys as Keys
+from torch.utils.data import DataLoader
+
+from monai_salm.transforms.functional import call_generator, perturb, resolve_k, saliency_scores, topk_mask
+
+__all__ = ["SALMTrainer", "MASK_MODES", "INDEX_KEY", "flip_average"]
+
+MASK_MODES = ("sample", "class", "random")
+INDEX_KEY = "index"
+
+
+def flip_average(scores: torch.Tensor) -> torch.Tensor:
+    """Average ``(B, *spatial)`` maps over every combination of spatial-axis flips."""
+    axes = list(range(1, scores.ndim))
+    out = torch.zeros_like(scores)
+    for bits in itertools.product((False, True), repeat=len(axes)):
+        dims = [a for a, b in zip(axes, bits) if b]
+        out += scores.flip(dims) if dims else scores
+    return out / 2 ** len(axes)
+
+
+class SALMTrainer(Trainer):
+    """SALM min-min trainer: a surrogate classifier and a noise generator that both minimise the
+    surrogate's cross-entropy on protected images ``x' = clip(x + M * eps * tanh(G(x, y)))``.
+
+    Each iteration takes one batch and runs one surrogate step followed by ``generator_steps``
+    generator steps. Masks are (re)computed from the surrogate's saliency before the first epoch and
+    every ``mask_refresh`` epochs (after re-estimating batch-norm statistics on clean images). The run
+    stops when the surrogate's running accuracy on protected images reaches ``stop_accuracy`` (after
+    ``min_epochs``) or at ``max_epochs``.
+
+    Batches are dictionaries with ``"image"`` (``B, C, *spatial``, scaled to ``value_range``),
+    ``"label"`` (class indices) and ``"index"`` (position of the sample in ``train_data_loader.dataset``).
+    Engine outputs use MONAI's keys (``image`` = protected batch, ``label``, ``pred``, ``loss``) plus
+    ``generator_loss``, so MONAI handlers work unchanged; the key metric is ``protected_accuracy``.
+
+    Args:
+        device: torch device.
+        max_epochs: maximum number of epochs.
+        train_data_loader: loader of dictionaries as above.
+        surrogate: classifier f.
+        generator: noise generator G (label-conditioned generators get labels).
+        surrogate_optimizer: optimizer of f.
+        generator_optimizer: optimizer of G.
+        epsilon: L-infinity budget in ``value_range`` units.
+        k: sparsity, fraction in (0, 1] or integer count of positions.
+        value_range: intensity range of the scaled images.
+        mask_mode: ``"sample"`` (per-image saliency, the paper), ``"class"`` (top-k of the class-average
+            normalised saliency; every image of a class shares the positions) or ``"random"`` (the
+            random-mask ablation, a fixed random top-k per image).
+        flip_symmetric: in ``"class"`` mode, average each class score map over all axis flips before
+            taking the top k, so the class pattern is unchanged by flip augmentation.
+        mask_refresh: recompute masks every this many epochs (0: only before the first epoch).
+        generator_steps: generator steps per iteration.
+        warmup_epochs: epochs of surrogate training on clean images before min-min starts.
+        stop_accuracy: stop when the protected-data accuracy of an epoch reaches it (None: never).
+        min_epochs: do not stop before this many epochs.
+        mask_loader: loader over the same dataset in order used to compute masks; by default one is
+            built from ``train_data_loader.dataset``.
+        seed: seed of the random-mask ablation.
+        train_handlers: MONAI/Ignite handlers to attach.
+        kwargs: passed to :class:`monai.engines.Trainer` (``epoch_length``, ``amp``, ...).
+
+    Raises:
+        ValueError: for an unknown ``mask_mode`` or a bad ``k``/``epsilon``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: DataLoader,
+        surrogate: torch.nn.Module,
+        generator: torch.nn.Module,
+        surrogate_optimizer: torch.optim.Optimizer,
+        generator_optimizer: torch.optim.Optimizer,
+        epsilon: float,
+        k: float | int,
+        value_range: Sequence[float] = (0.0, 1.0),
+        mask_mode: str = "sample",
+        flip_symmetric: bool = False,
+        mask_refresh: int = 1,
+        generator_steps: int = 1,
+        warmup_epochs: int = 0,
+        stop_accuracy: float | None = 0.99,
+        min_epochs: int = 1,
+        mask_loader: DataLoader | None = None,
+        seed: int = 0,
+        train_handlers: Sequence | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}.")
+        lo, hi = (float(v) for v in value_range)
+        if not 0.0 < float(epsilon) <= hi - lo:
+            raise ValueError(f"epsilon={epsilon} must be in (0, {hi - lo}] for value_range {(lo, hi)}.")
+        if not isinstance(k, (int, float)) or isinstance(k, bool) or k <= 0 or (isinstance(k, float) and k > 1):
+            raise ValueError(f"k must be a fraction in (0, 1] or a positive integer count, got {k!r}.")
+        kwargs.setdefault("decollate", False)
+        super().__init__(
+            device=torch.device(device),
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            key_metric={"protected_accuracy": Accuracy(output_transform=from_engine([Keys.PRED, Keys.LABEL]))},
+            handlers=train_handlers,
+            **kwargs,
+        )
+        self.surrogate = surrogate.to(self.state.device)
+        self.generator = generator.to(self.state.device)
+        self.surrogate_optimizer = surrogate_optimizer
+        self.generator_optimizer = generator_optimizer
+        self.epsilon = float(epsilon)
+        self.k = k
+        self.value_range = (lo, hi)
+        self.mask_mode = mask_mode
+        self.flip_symmetric = bool(flip_symmetric)
+        self.mask_refresh = int(mask_refresh)
+        self.generator_steps = int(generator_steps)
+        self.warmup_epochs = int(warmup_epochs)
+        self.stop_accuracy = stop_accuracy
+        self.min_epochs = int(min_epochs)
+        self.seed = int(seed)
+        self.mask_loader = mask_loader or DataLoader(
+            train_data_loader.dataset, batch_size=getattr(train_data_loader, "batch_size", None) or 64, shuffle=False
+        )
+        self.masks: torch.Tensor | None = None  # (N, 1, *spatial) bool, per sample
+        self.class_scores: torch.Tensor | None = None  # (num_classes, *spatial), class mode
+        self.add_event_handler(Events.STARTED, self._on_started)
+        self.add_event_handler(Events.EPOCH_STARTED, self._maybe_refresh_masks)
+        self.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_stop)
+
+    # ----------------------------------------------------------------- events
+    def _on_started(self, engine: Engine) -> None:
+        for _ in range(self.warmup_epochs):
+            for batch in self.data_loader:
+                x, y, _ = self._unpack(batch)
+                self.surrogate.train()
+                self.surrogate_optimizer.zero_grad()
+                F.cross_entropy(self.surrogate(x), y).backward()
+                self.surrogate_optimizer.step()
+
+    def _maybe_refresh_masks(self, engine: Engine) -> None:
+        epoch = engine.state.epoch  # 1-based, already incremented
+        if self.masks is None and self.class_scores is None:
+            self.refresh_masks()
+        elif self.mask_refresh > 0 and (epoch - 1) % self.mask_refresh == 0:
+            self.refresh_masks()
+
+    def _maybe_stop(self, engine: Engine) -> None:
+        acc = engine.state.metrics.get("protected_accuracy")
+        if self.stop_accuracy is not None and acc is not None and engine.state.epoch >= self.min_epochs:
+            if acc >= self.stop_accuracy:
+                self.logger.info(f"protected accuracy {acc:.4f} >= {self.stop_accuracy}: stopping.")
+                engine.terminate()
+
+    # ------------------------------------------------------------------ masks
+    def _unpack(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = batch[Keys.IMAGE].to(self.state.device, non_blocking=self.non_blocking).float()
+        y = batch[Keys.LABEL].to(self.state.device, non_blocking=self.non_blocking).long().reshape(-1)
+        return x, y, batch[INDEX_KEY].long().reshape(-1)
+
+    @torch.no_grad()
+    def _recalibrate_batchnorm(self) -> None:
+        """Re-estimate batch-norm running statistics on clean images (cumulative average)."""
+        bns = [m for m in self.surrogate.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not bns:
+            return
+        was_training = self.surrogate.training
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        self.surrogate.train()
+        for batch in self.mask_loader:
+            x, _, _ = self._unpack(batch)
+            self.surrogate(x)
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        self.surrogate.train(was_training)
+
+    def refresh_masks(self) -> None:
+        """Recompute every sample's mask (or the class masks) from the current surrogate."""
+        n = len(self.mask_loader.dataset)
+        if self.mask_mode == "random":
+            if self.masks is not None:
+                return
+            gen = torch.Generator().manual_seed(self.seed)
+            masks = []
+            for batch in self.mask_loader:
+                x, _, _ = self._unpack(batch)
+                masks.append(topk_mask(torch.rand(x.shape[0], *x.shape[2:], generator=gen), self.k).bool())
+            self.masks = torch.cat(masks).to(self.state.device)
+            return
+        self._recalibrate_batchnorm()
+        masks, sums, counts = [None] * n, None, None
+        for batch in self.mask_loader:
+            x, y, idx = self._unpack(batch)
+            scores = saliency_scores(self.surrogate, x, y, eval_mode=True)
+            if self.mask_mode == "sample":
+                for i, m in zip(idx.tolist(), topk_mask(scores, self.k).bool()):
+                    masks[i] = m
+            else:
+                norm = scores / scores.flatten(1).sum(1).clamp_min(1e-12).reshape(-1, *[1] * (scores.ndim - 1))
+                num_classes = int(y.max()) + 1
+                if sums is None:
+                    sums = torch.zeros(num_classes, *scores.shape[1:], device=scores.device)
+                    counts = torch.zeros(num_classes, device=scores.device)
+                if num_classes > sums.shape[0]:
+                    grow = num_classes - sums.shape[0]
+                    sums = torch.cat([sums, sums.new_zeros(grow, *sums.shape[1:])])
+                    counts = torch.cat([counts, counts.new_zeros(grow)])
+                sums.index_add_(0, y, norm)
+                counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
+        if self.mask_mode == "sample":
+            self.masks = torch.stack(masks)
+        else:
+            self.class_scores = (sums / counts.clamp_min(1).reshape(-1, *[1] * (sums.ndim - 1))).detach()
+            if self.flip_symmetric:
+                self.class_scores = flip_average(self.class_scores)
+            self.class_masks = topk_mask(self.class_scores, self.k).bool()
+
+    def mask_for(self, index: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Masks ``(B, 1, *spatial)`` of a batch given sample indices and labels."""
+        if self.mask_mode == "class":
+            return self.class_masks[label].float()
+        return self.masks[index.to(self.masks.device)].float()
+
+    # -------------------------------------------------------------- iteration
+    def _iteration(self, engine: Engine, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        x, y, idx = self._unpack(batchdata)
+        mask = self.mask_for(idx, y)
+
+        # surrogate step: min over f of CE(f(x'), y), noise fixed
+        self.generator.train()
+        with torch.no_grad():
+            protected = perturb(x, mask, call_generator(self.generator, x, y), self.epsilon, self.value_range)
+        self.surrogate.train()
+        self.surrogate_optimizer.zero_grad(set_to_none=True)
+        logits = self.surrogate(protected)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        self.surrogate_optimizer.step()
+
+        # generator steps: min over G of CE(f(x'), y), surrogate fixed
+        params = list(self.surrogate.parameters())
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        generator_loss = torch.zeros(())
+        try:
+            for _ in range(self.generator_steps):
+                self.generator_optimizer.zero_grad(set_to_none=True)
+                raw = call_generator(self.generator, x, y)
+                generator_loss = F.cross_entropy(self.surrogate(perturb(x, mask, raw, self.epsilon, self.value_range)), y)
+                generator_loss.backward()
+                self.generator_optimizer.step()
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+
+        return {
+            Keys.IMAGE: protected,
+            Keys.LABEL: y,
+            Keys.PRED: logits.detach(),
+            Keys.LOSS: loss.item(),
+            "generator_loss": generator_loss.item(),
+        }

@@ -1,0 +1,113 @@
+"""Noise generator G for SALM (2D and 3D)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import UNet
+
+__all__ = ["NoiseGenerator", "sign_code"]
+
+
+def sign_code(num_classes: int, channels: int) -> torch.Tensor:
+    """Distinct per-class, per-channel codes in [-1, 1].
+
+    With ``num_classes <= 2 ** channels`` each class gets its own sign pattern over channels (for RGB
+    and 8 classes: every +-1 colour corner); otherwise the classes get evenly spaced levels shared by
+    all channels.
+
+    Returns:
+        ``(num_classes, channels)`` float tensor.
+    """
+    if num_classes <= 2**channels:
+        corners = list(itertools.product((-1.0, 1.0), repeat=channels))
+        # spread the used corners: for 2 classes pick opposite corners
+        step = max(1, len(corners) // num_classes)
+        picks = [corners[(i * step) % len(corners)] for i in range(num_classes)]
+        if num_classes == 2:
+            picks = [corners[0], corners[-1]]
+        return torch.tensor(picks, dtype=torch.float32)
+    levels = torch.linspace(-1.0, 1.0, num_classes)
+    return levels[:, None].repeat(1, channels)
+
+
+class NoiseGenerator(torch.nn.Module):
+    """Image-to-image noise generator: a MONAI ``UNet`` plus an optional learnable per-class code.
+
+    The output is the raw noise; SALM applies ``epsilon * tanh(.)`` and the mask. Inputs whose spatial
+    size is not divisible by the product of ``strides`` are padded (replicate) and cropped back.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels (the output has the same number).
+        num_classes: classes for label conditioning; 0 disables conditioning. When > 0 the network is
+            called as ``G(x, y)``: one-hot label maps are concatenated to the input and a learnable
+            per-class, per-channel code is added to the output.
+        channels: UNet feature channels per level.
+        strides: UNet strides between levels.
+        code_scale: initial magnitude of the class code (in raw units, before tanh); 0 starts at zero.
+
+    Raises:
+        ValueError: for unsupported ``spatial_dims`` or bad label values.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int = 0,
+        channels: Sequence[int] = (16, 32, 64),
+        strides: Sequence[int] = (2, 2),
+        code_scale: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.num_classes = int(num_classes)
+        self.label_conditioned = self.num_classes > 0
+        self.divisor = int(math.prod(strides))
+        self.net = UNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels + self.num_classes,
+            out_channels=in_channels,
+            channels=tuple(channels),
+            strides=tuple(strides),
+            num_res_units=1,
+        )
+        if self.label_conditioned:
+            self.class_code = torch.nn.Parameter(code_scale * sign_code(self.num_classes, in_channels))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            x: ``(B, C, *spatial)`` images.
+            y: ``(B,)`` class indices, required when label-conditioned.
+
+        Returns:
+            raw noise shaped like ``x``.
+        """
+        spatial = x.shape[2:]
+        if self.label_conditioned:
+            if y is None:
+                raise ValueError("this generator is label-conditioned: call it as G(x, y).")
+            y = y.long().reshape(-1)
+            if y.numel() != x.shape[0] or (y < 0).any() or (y >= self.num_classes).any():
+                raise ValueError(f"labels must be {x.shape[0]} class indices in [0, {self.num_classes}).")
+            onehot = F.one_hot(y, self.num_classes).to(x.dtype)
+            onehot = onehot.reshape(*onehot.shape, *([1] * self.spatial_dims)).expand(-1, -1, *spatial)
+            x = torch.cat([x, onehot], dim=1)
+        pad = []
+        for size in reversed(spatial):
+            pad += [0, (-size) % self.divisor]
+        padded = F.pad(x, pad, mode="replicate") if any(pad) else x
+        out = self.net(padded)[(..., *[slice(0, s) for s in spatial])]
+        if self.label_conditioned:
+            code = self.class_code[y].reshape(y.shape[0], self.in_channels, *([1] * self.spatial_dims))
+            out = out + code
+        return out

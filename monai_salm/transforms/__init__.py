@@ -1,0 +1,10 @@
+from monai_salm.transforms.array import ApplyUnlearnableNoise, SaliencyMask
+from monai_salm.transforms.dictionary import (
+    ApplyUnlearnableNoiseD,
+    ApplyUnlearnableNoised,
+    ApplyUnlearnableNoiseDict,
+    SaliencyMaskD,
+    SaliencyMaskd,
+    SaliencyMaskDict,
+)
+from monai_salm.transforms.functional import call_generator, perturb, resolve_k, saliency_scores, topk_mask

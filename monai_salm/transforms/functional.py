@@ -1,0 +1,169 @@
+"""Batched SALM math shared by the transforms and the trainer.
+
+Every function here works on batches (``B, C, *spatial``) so that the trainer and the per-sample
+transforms run exactly the same code.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "resolve_k",
+    "saliency_scores",
+    "topk_mask",
+    "perturb",
+    "call_generator",
+    "preserve_model_state",
+]
+
+
+def resolve_k(k: float | int, num_positions: int) -> int:
+    """Turn a sparsity ``k`` into a count of spatial positions.
+
+    Args:
+        k: a fraction in (0, 1] (a Python/numpy float) or a positive integer count (an int).
+        num_positions: number of spatial positions of one image.
+
+    Returns:
+        ``round(k * num_positions)`` for a fraction, ``k`` for an integer.
+
+    Raises:
+        ValueError: when ``k`` is not a number, is out of range, or selects no position.
+    """
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise ValueError(f"k must be a fraction in (0, 1] or a positive integer count, got {k!r}.")
+    if isinstance(k, numbers.Integral):
+        count = int(k)
+        if not 1 <= count <= num_positions:
+            raise ValueError(f"k={count} must be an integer count in [1, {num_positions}] for this image size.")
+        return count
+    frac = float(k)
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"k={frac} must be a fraction in (0, 1] (or an integer count).")
+    count = int(round(frac * num_positions))
+    if count < 1:
+        raise ValueError(f"k={frac} selects no position of an image with {num_positions} positions.")
+    return count
+
+
+class preserve_model_state:
+    """Context manager that restores a module's train/eval flags and its parameters' ``requires_grad``.
+
+    Parameter ``.grad`` tensors are never touched by :func:`saliency_scores` (it differentiates with
+    respect to the input only), so only the flags need restoring.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, training in self.modes:
+            m.training = training
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+        return False
+
+
+def saliency_scores(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eval_mode: bool = True
+) -> torch.Tensor:
+    """Per-position saliency ``sum_c |d CE(model(x), y) / d x|``.
+
+    Args:
+        model: classifier returning logits ``(B, num_classes)``.
+        images: ``(B, C, *spatial)`` float tensor.
+        labels: ``(B,)`` integer class indices.
+        eval_mode: run the model in eval mode (batch-norm running statistics) while scoring.
+
+    Returns:
+        ``(B, *spatial)`` non-negative float tensor. The model's mode, ``requires_grad`` flags and
+        parameter ``.grad`` are the same after the call as before.
+    """
+    x = images.detach().float().clone().requires_grad_(True)
+    with preserve_model_state(model), torch.enable_grad():
+        model.train(not eval_mode)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        logits = model(x)
+        loss = F.cross_entropy(logits, labels.long().reshape(-1), reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad.abs().sum(dim=1)
+
+
+def topk_mask(scores: torch.Tensor, k: float | int) -> torch.Tensor:
+    """Mask of the ``k`` highest-scoring positions of each image.
+
+    Ties are broken deterministically: among equal scores the position with the lower flat
+    (C-order) index wins.
+
+    Args:
+        scores: ``(B, *spatial)`` scores.
+        k: fraction in (0, 1] or integer count, see :func:`resolve_k`.
+
+    Returns:
+        ``(B, 1, *spatial)`` float tensor of zeros and ones with exactly ``resolve_k(k, N)`` ones per image.
+    """
+    batch, spatial = scores.shape[0], scores.shape[1:]
+    flat = scores.reshape(batch, -1)
+    count = resolve_k(k, flat.shape[1])
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :count]
+    mask = torch.zeros_like(flat, dtype=torch.float32)
+    mask.scatter_(1, order, 1.0)
+    return mask.reshape(batch, 1, *spatial)
+
+
+def call_generator(generator: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Run a generator, passing labels only to label-conditioned ones.
+
+    A generator is label-conditioned when it has a truthy attribute ``label_conditioned``; it is then
+    called as ``generator(images, labels)``, otherwise as ``generator(images)``.
+
+    Raises:
+        ValueError: when a conditioned generator gets no labels, or the output shape differs from the input.
+    """
+    if getattr(generator, "label_conditioned", False):
+        if labels is None:
+            raise ValueError("this generator is label-conditioned: a label is required (set label_key).")
+        out = generator(images, labels.long().reshape(-1))
+    else:
+        out = generator(images)
+    if out.shape != images.shape:
+        raise ValueError(f"generator returned shape {tuple(out.shape)}, expected the input shape {tuple(images.shape)}.")
+    return out
+
+
+def perturb(
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    raw_noise: torch.Tensor,
+    epsilon: float,
+    value_range: Sequence[float] = (0.0, 1.0),
+) -> torch.Tensor:
+    """SALM perturbation ``clip(x + M * eps * tanh(raw), lo, hi)``.
+
+    Args:
+        images: ``(B, C, *spatial)`` images.
+        mask: ``(B, 1, *spatial)`` (or broadcastable) 0/1 mask.
+        raw_noise: generator output shaped like ``images``.
+        epsilon: L-infinity bound in the units of ``images``.
+        value_range: ``(lo, hi)`` valid intensity range.
+
+    Returns:
+        the protected images; ``|x' - x| <= epsilon`` and ``x' == x`` outside the mask (for inputs
+        already inside ``value_range``).
+    """
+    lo, hi = float(value_range[0]), float(value_range[1])
+    delta = epsilon * torch.tanh(raw_noise)
+    protected = (images + mask.to(images.dtype) * delta).clamp(lo, hi)
+    # outside the mask return the input bit-for-bit, even where it lies outside value_range
+    return torch.where(mask.to(torch.bool).expand_as(images), protected, images)
