@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from monai_salm.transforms import perturb, resolve_k, topk_mask
+
+
+@pytest.mark.parametrize("k, n, expected", [(0.1, 784, 78), (0.5, 10, 5), (1.0, 7, 7), (1, 7, 1), (7, 7, 7), (0.05, 21952, 1098)])
+def test_resolve_k(k, n, expected):
+    assert resolve_k(k, n) == expected
+
+
+@pytest.mark.parametrize("k", [0.0, -0.1, 1.5, 0, 8, True, "0.1", None, 0.001])
+def test_resolve_k_rejects(k):
+    with pytest.raises(ValueError, match="k"):
+        resolve_k(k, 7)
+
+
+def test_topk_mask_exact_count_and_positions():
+    scores = torch.rand(3, 5, 6, generator=torch.Generator().manual_seed(0))
+    mask = topk_mask(scores, 0.2)
+    assert mask.shape == (3, 1, 5, 6)
+    assert mask.sum(dim=(1, 2, 3)).tolist() == [6.0, 6.0, 6.0]
+    for s, m in zip(scores, mask[:, 0]):
+        assert s[m.bool()].min() > s[~m.bool()].max()
+
+
+def test_topk_mask_ties_take_lowest_flat_index():
+    scores = torch.zeros(1, 4, 4)
+    scores[0, 3, 3] = 1.0
+    mask = topk_mask(scores, 3)[0, 0].flatten()
+    assert mask.nonzero().flatten().tolist() == [0, 1, 15]
+
+
+def test_perturb_bounded_and_mask_restricted():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 8, 8, generator=gen)
+    mask = topk_mask(torch.rand(2, 8, 8, generator=gen), 0.25)
+    raw = 10 * torch.randn(2, 3, 8, 8, generator=gen)
+    out = perturb(x, mask, raw, 0.1, (0.0, 1.0))
+    diff = (out - x).abs()
+    assert diff.max() <= 0.1 + 1e-6
+    assert (diff * (1 - mask)).max() == 0
+    assert out.min() >= 0 and out.max() <= 1
+    assert (diff > 0).any()
