@@ -167,6 +167,8 @@ def protect_tensor(
         raise ValueError(f"checkpoint is {settings.spatial_dims}D but the images are {images.ndim - 2}D.")
     if images.shape[1] != settings.in_channels:
         raise ValueError(f"checkpoint expects {settings.in_channels} channel(s), the images have {images.shape[1]}.")
+    if settings.mask_mode == "class" and tuple(images.shape[2:]) != tuple(settings.image_size):
+        raise ValueError(f"images are {tuple(images.shape[2:])} but the checkpoint's class masks are {settings.image_size}.")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= settings.num_classes):
         raise ValueError(f"labels must lie in [0, {settings.num_classes}) for this checkpoint.")
     generator, surrogate = generator.to(device).eval(), surrogate.to(device).eval()

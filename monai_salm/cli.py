@@ -122,8 +122,6 @@ def _protect(args: argparse.Namespace) -> dict:
             raise CLIError(f"{args.data}: no split '{split}' to protect.")
         images, labels = split_arrays(arrays, split)
         x = to_tensor(images)
-        if tuple(x.shape[2:]) != tuple(settings.image_size) and settings.mask_mode == "class":
-            raise CLIError(f"{args.data}: images are {tuple(x.shape[2:])} but the checkpoint's class masks are {settings.image_size}.")
         try:
             protected, _ = protect_tensor(
                 x, torch.from_numpy(labels), settings, generator, surrogate, class_scores,

@@ -6,7 +6,6 @@ import torch
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
-torch.set_num_threads(2)
 
 
 class TinyClassifier(torch.nn.Module):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy
-from monai.engines import Trainer
+from monai.engines import IterationEvents, Trainer
 from monai.handlers import from_engine
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
@@ -31,6 +31,14 @@ def flip_average(scores: torch.Tensor) -> torch.Tensor:
         dims = [a for a, b in zip(axes, bits) if b]
         out += scores.flip(dims) if dims else scores
     return out / 2 ** len(axes)
+
+
+def _pred_and_label(output: dict | list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` batch tensors from a batched or decollated engine output."""
+    pred, label = from_engine([Keys.PRED, Keys.LABEL])(output)
+    if isinstance(pred, list):
+        pred, label = torch.stack(pred), torch.as_tensor([int(v) for v in label])
+    return pred, label
 
 
 class SALMTrainer(Trainer):
@@ -110,12 +118,11 @@ class SALMTrainer(Trainer):
             raise ValueError(f"epsilon={epsilon} must be in (0, {hi - lo}] for value_range {(lo, hi)}.")
         if not isinstance(k, (int, float)) or isinstance(k, bool) or k <= 0 or (isinstance(k, float) and k > 1):
             raise ValueError(f"k must be a fraction in (0, 1] or a positive integer count, got {k!r}.")
-        kwargs.setdefault("decollate", False)
         super().__init__(
             device=torch.device(device),
             max_epochs=max_epochs,
             data_loader=train_data_loader,
-            key_metric={"protected_accuracy": Accuracy(output_transform=from_engine([Keys.PRED, Keys.LABEL]))},
+            key_metric={"protected_accuracy": Accuracy(output_transform=_pred_and_label)},
             handlers=train_handlers,
             **kwargs,
         )
@@ -274,10 +281,12 @@ class SALMTrainer(Trainer):
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
 
-        return {
+        engine.state.output = {
             Keys.IMAGE: protected,
             Keys.LABEL: y,
             Keys.PRED: logits.detach(),
             Keys.LOSS: loss.item(),
             "generator_loss": generator_loss.item(),
         }
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollation and postprocessing hook here
+        return engine.state.output

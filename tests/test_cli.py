@@ -1,0 +1,142 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from monai_salm.cli import main
+
+from conftest import make_medmnist
+
+FAST = ["--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def trained_2d(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli2d")
+    data = root / "data.npz"
+    arrays = make_medmnist(data, n=32, shape=(16, 16), num_classes=3, rgb=True)
+    ckpt = root / "salm.pt"
+    assert main(["train", "--data", str(data), "--out", str(ckpt), "--k", "0.1", "--eps", "20/255", *FAST]) == 0
+    return root, data, arrays, ckpt
+
+
+def test_train_then_protect_keeps_format(trained_2d, capsys):
+    root, data, arrays, ckpt = trained_2d
+    out = root / "protected.npz"
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "changed pixels" in printed and "PSNR" in printed
+    with np.load(out) as f:
+        got = {k: f[k] for k in f.files}
+    assert set(got) == set(arrays)
+    for key, value in arrays.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+    for key in ("val_images", "test_images", "train_labels", "val_labels", "test_labels"):
+        assert np.array_equal(got[key], arrays[key]), key
+    diff = np.abs(got["train_images"].astype(int) - arrays["train_images"].astype(int))
+    assert 0 < diff.max() <= 20
+    changed = diff.any(-1).reshape(len(diff), -1).sum(1)
+    assert changed.max() <= round(0.1 * 256)
+    assert (changed > 0).all()
+
+
+def test_protect_refuses_existing_output(trained_2d, capsys):
+    root, data, _, ckpt = trained_2d
+    out = root / "exists.npz"
+    out.write_bytes(b"keep me")
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+
+
+def _bad_file(path, mutate):
+    arrays = make_medmnist(path, n=16, shape=(16, 16), num_classes=3, rgb=True)
+    arrays = mutate(arrays)
+    np.savez(path, **arrays)
+    return path
+
+
+BAD = {
+    "missing key": (lambda a: {k: v for k, v in a.items() if k != "train_labels"}, "missing key 'train_labels'"),
+    "wrong dims": (lambda a: {**a, "train_images": a["train_images"][..., 0, 0]}, "must be (N,H,W)"),
+    "NaN image": (lambda a: {**a, "train_images": np.full((16, 16, 16, 3), np.nan, np.float32)}, "NaN"),
+    "label count": (lambda a: {**a, "train_labels": a["train_labels"][:3]}, "train_labels"),
+    "float labels": (lambda a: {**a, "train_labels": a["train_labels"].astype(float)}, "integers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_data_one_line_error(tmp_path, capsys, case):
+    mutate, message = BAD[case]
+    data = _bad_file(tmp_path / "bad.npz", mutate)
+    out = tmp_path / "salm.pt"
+    assert main(["train", "--data", str(data), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("monai-salm: error:") and message in err and str(data) in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, message", [(["--k", "1.5"], "k"), (["--k", "0"], "k"), (["--eps", "2"], "epsilon"), (["--eps", "0"], "epsilon")])
+def test_bad_budget(tmp_path, capsys, args, message):
+    data = tmp_path / "ok.npz"
+    make_medmnist(data, n=16)
+    out = tmp_path / "salm.pt"
+    assert main(["train", "--data", str(data), "--out", str(out), *args, *FAST]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_labels_out_of_range(tmp_path, capsys):
+    data = tmp_path / "ok.npz"
+    make_medmnist(data, n=16, num_classes=3)
+    out = tmp_path / "salm.pt"
+    assert main(["train", "--data", str(data), "--out", str(out), "--num-classes", "2", *FAST]) == 2
+    assert "labels" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("shape, rgb, message", [((16, 16, 16), False, "2D"), ((16, 16), False, "channel")])
+def test_checkpoint_mismatch(trained_2d, tmp_path, capsys, shape, rgb, message):
+    _, _, _, ckpt = trained_2d
+    data = tmp_path / "other.npz"
+    make_medmnist(data, n=8, shape=shape, rgb=rgb)
+    before = data.read_bytes()
+    out = tmp_path / "p.npz"
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and data.read_bytes() == before
+    assert not list(tmp_path.glob(".p.npz*"))
+
+
+def test_3d_train_protect_evaluate(tmp_path):
+    data = tmp_path / "vol.npz"
+    arrays = make_medmnist(data, n=16, shape=(12, 12, 12), num_classes=2)
+    ckpt, out, rep = tmp_path / "salm.pt", tmp_path / "p.npz", tmp_path / "report"
+    assert main(["train", "--data", str(data), "--out", str(ckpt), "--k", "50", "--eps", "0.1", *FAST]) == 0
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--quiet"]) == 0
+    with np.load(out) as f:
+        prot = f["train_images"]
+    diff = prot.astype(int) - arrays["train_images"].astype(int)
+    assert ((diff != 0).reshape(16, -1).sum(1) <= 50).all() and np.abs(diff).max() <= round(0.1 * 255)
+    assert main(["evaluate", "--train", str(out), "--test", str(data), "--epochs", "1", "--out", str(rep), "--quiet"]) == 0
+    report = json.loads((rep / "report.json").read_text())
+    assert {"accuracy", "balanced_accuracy", "auc", "best_accuracy", "best_auc", "history"} <= set(report)
+    assert len(report["history"]) == 1
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["protect"], ["evaluate"]])
+def test_help_for_every_command(cmd, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*cmd, "--help"])
+    assert exc.value.code == 0 and "usage: monai-salm" in capsys.readouterr().out
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "monai_salm.cli", "train", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path / "c.pt")],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 2 and "file not found" in res.stderr

@@ -1,0 +1,133 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedEvaluator
+from monai.handlers import CheckpointSaver, StatsHandler, TensorBoardStatsHandler, ValidationHandler, from_engine
+from monai.data import DataLoader
+
+from monai_salm.api import make_dataset, protect_tensor, train_salm
+from monai_salm.engines import SALMTrainer, load_protection, protection_transforms, save_protection
+from monai_salm.engines.trainer import flip_average
+from monai_salm.networks import NoiseGenerator
+
+from conftest import TinyClassifier
+
+
+def _data(n=32, spatial=(12, 12), channels=1, num_classes=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % num_classes
+    x = (0.3 * torch.rand(n, channels, *spatial, generator=g) + 0.5 * y.reshape(-1, *[1] * (len(spatial) + 1)) / (num_classes - 1)).clamp(0, 1)
+    return x, y
+
+
+def _trainer(x, y, tmp_path=None, handlers=None, **kw):
+    sd, c = x.ndim - 2, x.shape[1]
+    torch.manual_seed(0)
+    f = TinyClassifier(sd, c, int(y.max()) + 1)
+    g = NoiseGenerator(sd, c, int(y.max()) + 1, channels=(4, 8, 16))
+    loader = DataLoader(make_dataset(x, y), batch_size=8, shuffle=True)
+    opts = dict(epsilon=0.1, k=0.2, max_epochs=2, stop_accuracy=None)
+    opts.update(kw)
+    return SALMTrainer(
+        device="cpu",
+        train_data_loader=loader,
+        surrogate=f,
+        generator=g,
+        surrogate_optimizer=torch.optim.SGD(f.parameters(), lr=0.01),
+        generator_optimizer=torch.optim.Adam(g.parameters(), lr=1e-3),
+        train_handlers=handlers,
+        **opts,
+    )
+
+
+def test_trainer_with_monai_handlers(tmp_path):
+    x, y = _data()
+    val_loader = DataLoader(make_dataset(x[:8], y[:8]), batch_size=8)
+    trainer = _trainer(x, y)
+    evaluator = SupervisedEvaluator(device="cpu", val_data_loader=val_loader, network=trainer.surrogate)
+    handlers = [
+        StatsHandler(tag_name="train_loss", output_transform=from_engine(["loss"], first=True), name="salm_test"),
+        TensorBoardStatsHandler(log_dir=str(tmp_path / "tb"), output_transform=from_engine(["loss"], first=True)),
+        CheckpointSaver(save_dir=str(tmp_path / "ckpt"), save_dict={"generator": trainer.generator, "surrogate": trainer.surrogate}, save_final=True),
+        ValidationHandler(validator=evaluator, interval=1),
+    ]
+    for h in handlers:
+        h.attach(trainer)
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(from_engine(["loss", "generator_loss"], first=True)(e.state.output)))
+    trainer.run()
+    assert trainer.state.epoch == 2
+    assert len(losses) == 8 and all(np.isfinite(a) and np.isfinite(b) for a, b in losses)
+    assert 0.0 <= trainer.state.metrics["protected_accuracy"] <= 1.0
+    assert list((tmp_path / "tb").iterdir())
+    assert list((tmp_path / "ckpt").glob("*.pt"))
+    assert evaluator.state.iteration > 0
+    assert trainer.masks.shape == (32, 1, 12, 12)
+    assert trainer.masks.sum(dim=(1, 2, 3)).tolist() == [round(0.2 * 144)] * 32
+
+
+def test_stop_rule_terminates_early():
+    x, y = _data()
+    trainer = _trainer(x, y, max_epochs=5, stop_accuracy=0.0, min_epochs=1)
+    trainer.run()
+    assert trainer.state.epoch == 1
+
+
+@pytest.mark.parametrize("mode", ["class", "random"])
+def test_mask_modes(mode):
+    x, y = _data(spatial=(8, 10))
+    trainer = _trainer(x, y, mask_mode=mode, max_epochs=1, flip_symmetric=True)
+    trainer.run()
+    if mode == "class":
+        assert trainer.class_scores.shape == (2, 8, 10)
+        assert trainer.class_masks.sum(dim=(1, 2, 3)).tolist() == [16, 16]
+    else:
+        assert trainer.masks.sum(dim=(1, 2, 3)).tolist() == [16] * 32
+
+
+def test_bad_mode_and_budget():
+    x, y = _data()
+    with pytest.raises(ValueError, match="mask_mode"):
+        _trainer(x, y, mask_mode="saliency")
+    with pytest.raises(ValueError, match="epsilon"):
+        _trainer(x, y, epsilon=0.0)
+    with pytest.raises(ValueError, match="k"):
+        _trainer(x, y, k=1.5)
+
+
+def test_flip_average_is_flip_invariant():
+    s = torch.rand(2, 5, 6)
+    avg = flip_average(s)
+    assert torch.allclose(avg, avg.flip(1)) and torch.allclose(avg, avg.flip(2))
+
+
+@pytest.mark.parametrize("spatial, mode", [((12, 12), "sample"), ((12, 12), "class"), ((8, 8, 8), "sample")])
+def test_checkpoint_round_trip_matches_transforms(tmp_path, spatial, mode):
+    x, y = _data(n=16, spatial=spatial)
+    trainer, settings = train_salm(
+        x, y, 2, epochs=1, k=0.1, epsilon=0.1, mask_mode=mode, batch_size=8, generator_kwargs={"channels": (4, 8, 16)}
+    )
+    path = save_protection(tmp_path / "salm.pt", settings, trainer.generator, trainer.surrogate, trainer.class_scores)
+    settings2, gen, sur, scores = load_protection(path)
+    assert settings2 == settings
+    batch_out, masks = protect_tensor(x, y, settings2, gen, sur, scores)
+    transforms = protection_transforms(path)
+    for i in (0, 5):
+        out = transforms({"image": x[i], "label": int(y[i])})
+        assert torch.equal(out["salm_mask"].bool(), masks[i])
+        assert torch.allclose(out["image"], batch_out[i], atol=1e-6)
+    diff = (batch_out - x).abs()
+    assert diff.max() <= 0.1 + 1e-6 and diff[~masks.expand_as(diff)].max() == 0
+
+
+def test_load_rejects_foreign_file(tmp_path):
+    bad = tmp_path / "x.pt"
+    torch.save({"a": 1}, bad)
+    with pytest.raises(ValueError, match="not a monai-salm checkpoint"):
+        load_protection(bad)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.pt"):
+        load_protection(tmp_path / "junk.pt")
