@@ -37,6 +37,10 @@ CONFIGS = {
     "class_k10_sym_code0": dict(
         mask_mode="class", k=0.1, epsilon=20 / 255, flip_symmetric=True, generator_kwargs={"code_scale": 0.0}
     ),
+    "class_k10_sym_pattern": dict(
+        mask_mode="class", k=0.1, epsilon=20 / 255, flip_symmetric=True, generator_kwargs={"pattern_size": "image"}
+    ),
+    "sample_k10_pattern": dict(mask_mode="sample", k=0.1, epsilon=20 / 255, generator_kwargs={"pattern_size": "image"}),
 }
 
 
@@ -72,6 +76,9 @@ def main() -> None:
             victim_x = xv
         else:
             start = time.perf_counter()
+            cfg = dict(cfg)
+            if cfg.get("generator_kwargs", {}).get("pattern_size") == "image":
+                cfg["generator_kwargs"] = {**cfg["generator_kwargs"], "pattern_size": list(xtr.shape[1:3] if is_rgb(xtr) else xtr.shape[1:])}
             trainer, settings = train_salm(
                 to_tensor(xtr[: args.salm_n]), torch.from_numpy(ytr[: args.salm_n]), num_classes,
                 epochs=args.salm_epochs, seed=args.seed, **cfg,

@@ -50,6 +50,10 @@ class NoiseGenerator(torch.nn.Module):
         channels: UNet feature channels per level.
         strides: UNet strides between levels.
         code_scale: initial magnitude of the class code (in raw units, before tanh); 0 starts at zero.
+        pattern_size: when given (the training image size), the class code is a learnable per-class
+            spatial pattern ``(num_classes, C, *pattern_size)`` started from random signs (made
+            flip-symmetric, so flip augmentation leaves it unchanged) instead of one value per channel;
+            inputs must then have this spatial size.
 
     Raises:
         ValueError: for unsupported ``spatial_dims`` or bad label values.
@@ -63,6 +67,7 @@ class NoiseGenerator(torch.nn.Module):
         channels: Sequence[int] = (16, 32, 64),
         strides: Sequence[int] = (2, 2),
         code_scale: float = 2.0,
+        pattern_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -80,8 +85,18 @@ class NoiseGenerator(torch.nn.Module):
             strides=tuple(strides),
             num_res_units=1,
         )
+        self.pattern_size = None if pattern_size is None else tuple(int(v) for v in pattern_size)
         if self.label_conditioned:
-            self.class_code = torch.nn.Parameter(code_scale * sign_code(self.num_classes, in_channels))
+            code = sign_code(self.num_classes, in_channels)
+            if self.pattern_size is not None:
+                if len(self.pattern_size) != spatial_dims:
+                    raise ValueError(f"pattern_size must have {spatial_dims} values, got {pattern_size}.")
+                gen = torch.Generator().manual_seed(0)
+                signs = torch.randn(self.num_classes, in_channels, *self.pattern_size, generator=gen)
+                for dim in range(2, 2 + spatial_dims):
+                    signs = signs + signs.flip(dim)
+                code = signs.sign()
+            self.class_code = torch.nn.Parameter(code_scale * code)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -93,6 +108,8 @@ class NoiseGenerator(torch.nn.Module):
             raw noise shaped like ``x``.
         """
         spatial = x.shape[2:]
+        if self.pattern_size is not None and tuple(spatial) != self.pattern_size:
+            raise ValueError(f"this generator's class pattern is {self.pattern_size}, got images of {tuple(spatial)}.")
         if self.label_conditioned:
             if y is None:
                 raise ValueError("this generator is label-conditioned: call it as G(x, y).")
@@ -108,6 +125,8 @@ class NoiseGenerator(torch.nn.Module):
         padded = F.pad(x, pad, mode="replicate") if any(pad) else x
         out = self.net(padded)[(..., *[slice(0, s) for s in spatial])]
         if self.label_conditioned:
-            code = self.class_code[y].reshape(y.shape[0], self.in_channels, *([1] * self.spatial_dims))
+            code = self.class_code[y]
+            if self.pattern_size is None:
+                code = code.reshape(y.shape[0], self.in_channels, *([1] * self.spatial_dims))
             out = out + code
         return out

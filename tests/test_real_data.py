@@ -1,0 +1,37 @@
+"""Real-data checks on ../shared/data (slow; run with ``python -m pytest -q -m slow``)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monai_salm.cli import main
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+pytestmark = pytest.mark.slow
+
+
+def _require(name):
+    path = DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not available (real data lives in ../shared/data)")
+    return path
+
+
+@pytest.mark.parametrize("name, k, eps", [("bloodmnist_28.npz", 0.1, "20/255"), ("adrenalmnist3d_28.npz", 0.05, "28/255")])
+def test_train_protect_budget_on_real_data(tmp_path, name, k, eps):
+    data = _require(name)
+    ckpt, out = tmp_path / "salm.pt", tmp_path / "protected.npz"
+    assert main(["train", "--data", str(data), "--out", str(ckpt), "--limit", "256", "--epochs", "1", "--k", str(k), "--eps", eps, "--quiet"]) == 0
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--quiet"]) == 0
+    with np.load(data) as f, np.load(out) as g:
+        clean, prot = f["train_images"], g["train_images"]
+        assert np.array_equal(f["test_images"], g["test_images"])
+    assert prot.dtype == clean.dtype and prot.shape == clean.shape
+    diff = np.abs(prot.astype(int) - clean.astype(int))
+    assert diff.max() <= round(eval(eps) * 255)
+    changed = diff.any(-1) if clean.ndim == 4 and clean.shape[-1] == 3 else diff > 0
+    assert changed.mean() <= k + 1e-9
+    mse = (diff.astype(float) ** 2).mean()
+    assert 10 * np.log10(255**2 / mse) >= 32.0
