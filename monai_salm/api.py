@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from monai.data import Dataset
 from monai.utils import set_determinism
-from torch.utils.data import DataLoader
+from monai.data import DataLoader
 from tqdm.auto import tqdm
 
-from monai_salm.engines import SALMSettings, SALMTrainer
+from monai_salm.engines import FreshModelMonitor, SALMSettings, SALMTrainer
 from monai_salm.networks import NoiseGenerator, build_classifier
 from monai_salm.transforms.functional import call_generator, perturb, resolve_k, saliency_scores, topk_mask
 
@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "surrogate_lr": 0.01,
     "generator_lr": 2e-3,
     "stop_accuracy": None,
+    "monitor_steps": 0,
 }
 
 
@@ -66,6 +67,10 @@ def train_salm(
     device: str | torch.device = "cpu",
     handlers: Sequence | None = None,
     progress: bool = False,
+    val_images: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
+    monitor_steps: int = DEFAULTS["monitor_steps"],
+    monitor_target: float | None = None,
 ) -> tuple[SALMTrainer, SALMSettings]:
     """Train SALM's surrogate and generator on in-memory images.
 
@@ -76,6 +81,11 @@ def train_salm(
         epochs .. generator_lr: see :class:`monai_salm.engines.SALMTrainer` and :data:`DEFAULTS`.
         stop_accuracy: stop when the surrogate's protected accuracy reaches it (None: run all epochs).
         progress: show an Ignite progress bar.
+        val_images, val_labels: clean held-out data for the fresh-model monitor.
+        monitor_steps: when > 0 (and validation data is given), attach a
+            :class:`monai_salm.engines.FreshModelMonitor` training a fresh surrogate-architecture model for
+            this many steps on up to 1024 protected training images after every epoch.
+        monitor_target: stop once the fresh model's clean accuracy is at or below this.
 
     Returns:
         the finished trainer (with final masks) and the settings to store in a checkpoint.
@@ -114,6 +124,13 @@ def train_salm(
         seed=seed,
         train_handlers=handlers,
     )
+    if monitor_steps > 0 and val_images is not None and val_labels is not None:
+        subset = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:1024]
+        FreshModelMonitor(
+            lambda: build_classifier(surrogate, spatial_dims, in_channels, num_classes),
+            images[subset], labels[subset], subset, val_images, val_labels,
+            steps=monitor_steps, target=monitor_target, seed=seed,
+        ).attach(trainer)
     if progress:
         from ignite.handlers import ProgressBar
 

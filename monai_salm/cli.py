@@ -59,6 +59,9 @@ def _train(args: argparse.Namespace) -> dict:
     if labels.max() >= num_classes:
         raise CLIError(f"{args.data}: labels go up to {labels.max()} but --num-classes is {num_classes}.")
     x = to_tensor(images)
+    val = split_arrays(arrays, "val") if args.monitor_steps and "val_images" in arrays else None
+    if args.monitor_steps and val is None:
+        raise CLIError(f"{args.data}: --monitor-steps needs a val split (val_images, val_labels).")
     print(f"train: {len(x)} images {tuple(x.shape[1:])}, {num_classes} classes, k={args.k}, eps={args.eps:.4f}, mask={args.mask_mode}")
     trainer, settings = train_salm(
         x,
@@ -77,6 +80,10 @@ def _train(args: argparse.Namespace) -> dict:
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
+        val_images=None if val is None else to_tensor(val[0]),
+        val_labels=None if val is None else torch.from_numpy(val[1]),
+        monitor_steps=args.monitor_steps,
+        monitor_target=args.monitor_target,
     )
     save_protection(
         args.out,
@@ -91,6 +98,7 @@ def _train(args: argparse.Namespace) -> dict:
         "epochs_run": trainer.state.epoch,
         "protected_accuracy": trainer.state.metrics.get("protected_accuracy"),
         "train_seconds": round(trainer.train_seconds, 1),
+        "fresh_clean_accuracy": trainer.state.metrics.get("fresh_clean_accuracy"),
     }
     print(json.dumps(summary))
     return summary
@@ -223,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generator-steps", type=int, default=DEFAULTS["generator_steps"], help="generator steps per batch")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--stop-accuracy", type=float, default=DEFAULTS["stop_accuracy"], help="stop at this protected accuracy")
+    p.add_argument("--monitor-steps", type=int, default=DEFAULTS["monitor_steps"],
+                   help="fresh-model monitor: train a new model this many steps on protected data each epoch (0: off)")
+    p.add_argument("--monitor-target", type=float, default=None,
+                   help="stop once the fresh model's clean val accuracy is at or below this")
     p.add_argument("--no-label-conditioning", action="store_true", help="generator without labels")
     p.add_argument("--num-classes", type=int, default=0, help="default: max label + 1")
     p.add_argument("--limit", type=int, default=0, help="use only the first N training images")

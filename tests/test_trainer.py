@@ -131,3 +131,15 @@ def test_load_rejects_foreign_file(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.pt"):
         load_protection(tmp_path / "junk.pt")
+
+
+def test_fresh_model_monitor_records_and_stops():
+    from monai_salm.engines import FreshModelMonitor
+
+    x, y = _data()
+    trainer = _trainer(x, y, max_epochs=4)
+    monitor = FreshModelMonitor(lambda: TinyClassifier(2, 1, 2), x[:16], y[:16], torch.arange(16), x[16:], y[16:], steps=3, batch_size=8, target=1.0)
+    monitor.attach(trainer)
+    trainer.run()
+    assert trainer.state.epoch == 1
+    assert len(monitor.history) == 1 and 0.0 <= trainer.state.metrics["fresh_clean_accuracy"] <= 1.0
