@@ -140,3 +140,14 @@ def test_module_entry_point_exit_code(tmp_path):
         capture_output=True, text=True,
     )
     assert res.returncode == 2 and "file not found" in res.stderr
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["psnr_db"] >= 32.0 and 0 < summary["changed_pixel_fraction"] <= 0.1
+    with np.load(out / "demo.npz") as clean, np.load(out / "demo_protected.npz") as prot:
+        assert clean["train_images"].shape == (360, 28, 28) and set(np.unique(clean["train_labels"])) == {0, 1, 2}
+        assert np.array_equal(clean["test_images"], prot["test_images"])
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--quiet"]) == 2  # non-empty folder refused
