@@ -1,0 +1,297 @@
+"""Write protected copies of medical images in their original format, keeping their metadata.
+
+Every file is written to a temporary name in its destination folder and renamed into place, so an interrupted
+run never leaves a truncated file. Values are given in original units and stored back in the original stored
+type: rounded, clipped to the stored range, and through the file's slope/intercept.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom.pixels import set_pixel_data
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from monai_salm import __version__
+from monai_salm.io.manifest import ManifestEntry, write_manifest
+from monai_salm.io.readers import ImageMeta, ImageRecord, PILImage, itk, read_image
+from monai_salm.io.utils import atomic_path, is_within, sha256_file
+
+__all__ = ["DEFAULT_DESCRIPTION", "write_image", "ProtectedCopyWriter"]
+
+#: DICOM DerivationDescription of protected copies.
+DEFAULT_DESCRIPTION = (
+    f"Protected copy made by monai-salm {__version__}: a small bounded perturbation was added to some pixels "
+    "to make the image unlearnable for unauthorised model training. Not for diagnostic use."
+)
+
+
+def _to_stored(values: np.ndarray, dtype: np.dtype, slope: float = 1.0, intercept: float = 0.0,
+               lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Original units -> stored values: through slope/intercept, rounded and clipped for integer types."""
+    dtype = np.dtype(dtype)
+    raw = (np.asarray(values, dtype=np.float64) - intercept) / slope
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        lo = info.min if lo is None else max(lo, info.min)
+        hi = info.max if hi is None else min(hi, info.max)
+        raw = np.clip(np.rint(raw), lo, hi)
+    return raw.astype(dtype)
+
+
+def _write_nifti(meta: ImageMeta, array: np.ndarray, dest: Path) -> list[Path]:
+    data = np.moveaxis(array, 0, -1) if meta.channel_last else array[0]
+    slope, intercept = meta.slopes[0], meta.intercepts[0]
+    raw = _to_stored(data, meta.dtype, slope, intercept)
+    klass = nib.Nifti2Image if isinstance(meta.header, nib.Nifti2Header) else nib.Nifti1Image
+    img = klass(raw, None, header=meta.header.copy())  # affine None: qform/sform and their codes kept as stored
+    if (slope, intercept) != (1.0, 0.0):
+        img.header.set_slope_inter(slope, intercept)  # the constructor resets them; store raw values as read
+    with atomic_path(dest) as tmp:
+        nib.save(img, str(tmp))
+    return [dest]
+
+
+_BINARY_VRS = ("OW", "OF", "OD", "OL", "OV", "UN")  # multi-byte binary values: endian-dependent
+
+
+def _encode_dicom(ds: pydicom.Dataset, frames: np.ndarray, dtype: np.dtype, slope: float, intercept: float,
+                  path: Path) -> None:
+    """Store ``(frames, rows, cols, samples)`` values in original units as the dataset's uncompressed pixels."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    if not syntax.is_little_endian:
+        other = [e.keyword or str(e.tag) for e in ds if e.VR in _BINARY_VRS and e.tag != 0x7FE00010]
+        if other:
+            raise ValueError(f"{path}: cannot convert big-endian DICOM with binary elements {other} to little endian.")
+    if syntax.is_compressed or not syntax.is_little_endian:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    bits, signed = int(ds.BitsStored), np.dtype(dtype).kind == "i"
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    raw = _to_stored(frames, np.dtype(dtype).newbyteorder("<"), slope, intercept, lo, hi)
+    spp = raw.shape[-1]
+    raw = raw[..., 0] if spp == 1 else raw
+    if raw.shape[0] == 1 and "NumberOfFrames" not in ds:
+        raw = raw[0]
+    number_of_frames = ds.get("NumberOfFrames")
+    photometric = "RGB" if spp == 3 else ds.PhotometricInterpretation  # pydicom decodes YBR to RGB
+    set_pixel_data(ds, raw, photometric, bits, generate_instance_uid=False)
+    if number_of_frames is not None and "NumberOfFrames" not in ds:
+        ds.NumberOfFrames = number_of_frames  # set_pixel_data drops NumberOfFrames = 1
+
+
+def _mark_derived(ds: pydicom.Dataset, series_uid: str, description: str) -> None:
+    uid = generate_uid()
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.SeriesInstanceUID = series_uid
+    image_type = ds.get("ImageType")
+    values = [image_type] if isinstance(image_type, str) else list(image_type or [])
+    ds.ImageType = ["DERIVED", *values[1:]] if values else ["DERIVED", "SECONDARY"]
+    ds.DerivationDescription = description[:1024]  # VR ST
+
+
+def _write_dicom(meta: ImageMeta, array: np.ndarray, dest: Path, description: str, series_uid: str | None
+                 ) -> list[Path]:
+    frames = array.transpose(3, 2, 1, 0) if array.ndim == 4 else array.transpose(2, 1, 0)[None]
+    if meta.format == "dicom_series":
+        targets = [(k, frames[k : k + 1], dest / f.name) for k, f in enumerate(meta.files)]
+    else:
+        targets = [(0, frames, dest)]
+    series_uid = series_uid or generate_uid()
+    encoded = []
+    for k, values, out in targets:  # encode everything first: a bad slice fails before any file is written
+        ds = copy.deepcopy(meta.datasets[k])
+        _encode_dicom(ds, values, meta.dtype, meta.slopes[k], meta.intercepts[k], meta.files[k])
+        _mark_derived(ds, series_uid, description)
+        encoded.append((ds, out))
+    for ds, out in encoded:
+        with atomic_path(out) as tmp:
+            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+    return [out for _, out in encoded]
+
+
+def _write_pil(meta: ImageMeta, array: np.ndarray, dest: Path) -> list[Path]:
+    values = array.transpose(2, 1, 0)  # (H, W, C)
+    raw = _to_stored(values[..., 0] if values.shape[-1] == 1 else values, meta.dtype)
+    im = PILImage.fromarray(raw)  # uint8 -> L / RGB, uint16 -> I;16
+    fmt = meta.info.get("format") or meta.format.upper()
+    kwargs = {k: meta.info[k] for k in ("dpi", "icc_profile") if k in meta.info}
+    if fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        text = PngInfo()
+        for key, value in (meta.info.get("text") if isinstance(meta.info.get("text"), dict) else {}).items():
+            text.add_text(key, str(value))
+        kwargs["pnginfo"] = text
+    else:  # JPEG is lossy: the change on disk is measured in the manifest
+        kwargs.update(quality=100, subsampling=0)
+        if "exif" in meta.info:
+            kwargs["exif"] = meta.info["exif"]
+    with atomic_path(dest) as tmp:
+        im.save(tmp, format=fmt, **kwargs)
+    return [dest]
+
+
+def _write_itk(meta: ImageMeta, array: np.ndarray, dest: Path) -> list[Path]:
+    raw = _to_stored(array[0], meta.dtype)
+    out = itk.image_from_array(np.ascontiguousarray(raw.T))
+    src = meta.itk_image
+    out.SetSpacing(src.GetSpacing())
+    out.SetOrigin(src.GetOrigin())
+    out.SetDirection(src.GetDirection())
+    out.SetMetaDataDictionary(src.GetMetaDataDictionary())
+    with atomic_path(dest) as tmp:
+        itk.imwrite(out, str(tmp))
+    return [dest]
+
+
+def write_image(meta: ImageMeta, array: np.ndarray, dest: str | os.PathLike, description: str = DEFAULT_DESCRIPTION,
+                series_uid: str | None = None) -> list[Path]:
+    """Write ``array`` (original units) in the format and with the metadata of ``meta``.
+
+    NIfTI keeps the header (affine, qform/sform and codes, every field) and the on-disk dtype and scaling.
+    DICOM keeps every tag except new SOPInstanceUID/MediaStorageSOPInstanceUID, one SeriesInstanceUID for the
+    whole series, ImageType[0] = DERIVED and a DerivationDescription; pixels are stored in the original dtype
+    and BitsStored through RescaleSlope/Intercept, uncompressed (Explicit VR Little Endian) when the original
+    was compressed or big endian. PNG/JPEG keep mode and bit depth (JPEG is saved at quality 100, still
+    lossy). NRRD/MHA keep dtype, spacing, origin, direction and the ITK metadata dictionary.
+
+    Args:
+        meta: from :func:`monai_salm.io.read_image`.
+        array: ``meta.shape`` values in original units.
+        dest: the destination file, or folder for a DICOM series (slices keep their file names).
+        description: DICOM DerivationDescription.
+        series_uid: DICOM SeriesInstanceUID for the written files (a new one when None).
+
+    Returns:
+        the files written.
+
+    Raises:
+        ValueError: for a shape mismatch, non-finite values, or a format that cannot be written here.
+    """
+    array = np.asarray(array)
+    dest = Path(dest)
+    if tuple(array.shape) != tuple(meta.shape):
+        raise ValueError(f"{meta.path}: array shape {tuple(array.shape)} does not match the image {tuple(meta.shape)}.")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{meta.path}: the array to write contains NaN or infinite values.")
+    if meta.format == "nifti":
+        return _write_nifti(meta, array, dest)
+    if meta.format in ("dicom", "dicom_series"):
+        return _write_dicom(meta, array, dest, description, series_uid)
+    if meta.format in ("png", "jpeg"):
+        return _write_pil(meta, array, dest)
+    if meta.format == "itk":
+        return _write_itk(meta, array, dest)
+    if meta.format == "npz":
+        raise ValueError(f"{meta.path}: write .npz datasets whole with monai_salm.data.save_npz (monai-salm protect).")
+    raise ValueError(f"{meta.path}: cannot write format {meta.format!r}.")
+
+
+class ProtectedCopyWriter:
+    """Write protected copies of a dataset's images under an output root, mirroring the input layout.
+
+    Example::
+
+        records = load_dataset("dataset.json")
+        writer = ProtectedCopyWriter("protected/", records)
+        for record in records:
+            image, meta = read_image(record)
+            writer.write(record, meta, protect(image), original=image)   # original units in, original units out
+        writer.write_manifest("protected/manifest.csv")
+
+    Args:
+        output_root: the folder to write into; created if missing.
+        records: the dataset's records; their roots are the input folders.
+        overwrite: allow a non-empty ``output_root`` (existing files at the same paths are replaced).
+        description: DICOM DerivationDescription.
+        uid_salt: secret mixed into the new DICOM SeriesInstanceUIDs, which are derived from the original series
+            UID so that files of one original series share one new series (random when None).
+
+    Raises:
+        ValueError: when ``output_root`` is, lies inside, or contains an input folder, is a file, or is not empty
+            (without ``overwrite``).
+    """
+
+    def __init__(self, output_root: str | os.PathLike, records: list[ImageRecord], overwrite: bool = False,
+                 description: str = DEFAULT_DESCRIPTION, uid_salt: str | None = None):
+        self.output_root = Path(output_root)
+        for root in dict.fromkeys(Path(r.root) for r in records):
+            self._check_root(root)
+        if self.output_root.exists():
+            if not self.output_root.is_dir():
+                raise ValueError(f"{self.output_root}: output path exists and is not a folder.")
+            if not overwrite and any(self.output_root.iterdir()):
+                raise ValueError(f"{self.output_root}: output folder is not empty; pass overwrite=True to use it.")
+        self.output_root.mkdir(parents=True, exist_ok=True)
+        self.description = description
+        self.uid_salt = uid_salt or secrets.token_hex(16)
+        self.entries: list[ManifestEntry] = []
+
+    def _check_root(self, root: Path) -> None:
+        if is_within(self.output_root, root):
+            raise ValueError(f"{self.output_root}: output folder lies inside the input folder {root}; "
+                             "choose a folder outside it.")
+        if is_within(root, self.output_root):
+            raise ValueError(f"{self.output_root}: output folder contains the input folder {root}.")
+
+    def output_path(self, record: ImageRecord) -> Path:
+        """Where ``record`` is written: ``output_root / record.relpath``.
+
+        Raises:
+            ValueError: when the record lies outside its dataset root.
+        """
+        return self.output_root / record.relpath
+
+    def _series_uid(self, meta: ImageMeta) -> str | None:
+        if not meta.datasets or "SeriesInstanceUID" not in meta.datasets[0]:
+            return None
+        return generate_uid(entropy_srcs=["monai-salm", self.uid_salt, str(meta.datasets[0].SeriesInstanceUID)])
+
+    def write(self, record: ImageRecord, meta: ImageMeta, array: np.ndarray, original: np.ndarray | None = None
+              ) -> list[ManifestEntry]:
+        """Write one protected image and record it in :attr:`entries`.
+
+        The change is measured by reading the written file back, so it reflects rounding and clipping.
+
+        Args:
+            record: the record the image was read from.
+            meta: its metadata from :func:`monai_salm.io.read_image`.
+            array: the protected image in original units, ``meta.shape``.
+            original: the clean image in original units (read again from ``record`` when None).
+
+        Returns:
+            one manifest entry per file written (one per slice for a DICOM series).
+
+        Raises:
+            ValueError: see :func:`write_image`; also for ``.npz`` records and records outside their root.
+        """
+        if record.format == "npz":
+            raise ValueError(f"{record.path}: write .npz datasets whole with monai_salm.data.save_npz.")
+        self._check_root(Path(record.root))
+        dest = self.output_path(record)
+        written = write_image(meta, array, dest, self.description, self._series_uid(meta))
+        before = read_image(record)[0] if original is None else np.asarray(original, dtype=np.float32)
+        after = read_image(dest)[0]
+        diff = np.abs(after.astype(np.float64) - before.astype(np.float64))
+        if meta.format == "dicom_series":
+            parts = [(meta.files[k], diff[..., k]) for k in range(len(written))]
+        else:
+            parts = [(record.path, diff)]
+        entries = [
+            ManifestEntry(str(src), str(out), sha256_file(out), int((d > 0).any(axis=0).sum()),
+                          float(d.max()) if d.size else 0.0, record.label, record.format)
+            for (src, d), out in zip(parts, written)
+        ]
+        self.entries.extend(entries)
+        return entries
+
+    def write_manifest(self, path: str | os.PathLike | None = None) -> Path:
+        """Write :attr:`entries` with :func:`monai_salm.io.write_manifest` (default ``output_root/manifest.csv``)."""
+        return write_manifest(self.entries, path or self.output_root / "manifest.csv")
