@@ -25,22 +25,21 @@ from monai_salm.evaluation import train_victim
 
 CONFIGS = {
     "baseline_clean": None,
-    "sample_k10": dict(mask_mode="sample", k=0.1, epsilon=20 / 255),
+    "sample_k10": dict(mask_mode="sample", k=0.1, epsilon=20 / 255, class_pattern=False),
     "sample_k10_nolabel": dict(mask_mode="sample", k=0.1, epsilon=20 / 255, label_conditioned=False),
-    "random_k10": dict(mask_mode="random", k=0.1, epsilon=20 / 255),
-    "class_k10": dict(mask_mode="class", k=0.1, epsilon=20 / 255, flip_symmetric=False),
-    "class_k10_sym": dict(mask_mode="class", k=0.1, epsilon=20 / 255, flip_symmetric=True),
-    "class_k05_e28_sym": dict(mask_mode="class", k=0.05, epsilon=28 / 255, flip_symmetric=True),
+    "random_k10": dict(mask_mode="random", k=0.1, epsilon=20 / 255, class_pattern=False),
+    "class_k10": dict(mask_mode="class", k=0.1, epsilon=20 / 255, flip_symmetric=False, class_pattern=False),
+    "class_k10_sym": dict(mask_mode="class", k=0.1, epsilon=20 / 255, flip_symmetric=True, class_pattern=False),
+    "class_k05_e28_sym": dict(mask_mode="class", k=0.05, epsilon=28 / 255, flip_symmetric=True, class_pattern=False),
     "class_k10_sym_nowarm": dict(mask_mode="class", k=0.1, epsilon=20 / 255, flip_symmetric=True, warmup_epochs=0),
     "class_k10_sym_norefresh": dict(mask_mode="class", k=0.1, epsilon=20 / 255, flip_symmetric=True, mask_refresh=0),
     "class_k10_sym_nolabel": dict(mask_mode="class", k=0.1, epsilon=20 / 255, flip_symmetric=True, label_conditioned=False),
     "class_k10_sym_code0": dict(
         mask_mode="class", k=0.1, epsilon=20 / 255, flip_symmetric=True, generator_kwargs={"code_scale": 0.0}
     ),
-    "class_k10_sym_pattern": dict(
-        mask_mode="class", k=0.1, epsilon=20 / 255, flip_symmetric=True, generator_kwargs={"pattern_size": "image"}
-    ),
-    "sample_k10_pattern": dict(mask_mode="sample", k=0.1, epsilon=20 / 255, generator_kwargs={"pattern_size": "image"}),
+    "class_k10_sym_pattern": dict(mask_mode="class", k=0.1, epsilon=20 / 255, flip_symmetric=True, class_pattern=True),
+    "class_k05_e28_sym_pattern": dict(mask_mode="class", k=0.05, epsilon=28 / 255, flip_symmetric=True, class_pattern=True),
+    "sample_k10_pattern": dict(mask_mode="sample", k=0.1, epsilon=20 / 255, class_pattern=True),
 }
 
 
@@ -76,9 +75,6 @@ def main() -> None:
             victim_x = xv
         else:
             start = time.perf_counter()
-            cfg = dict(cfg)
-            if cfg.get("generator_kwargs", {}).get("pattern_size") == "image":
-                cfg["generator_kwargs"] = {**cfg["generator_kwargs"], "pattern_size": list(xtr.shape[1:3] if is_rgb(xtr) else xtr.shape[1:])}
             trainer, settings = train_salm(
                 to_tensor(xtr[: args.salm_n]), torch.from_numpy(ytr[: args.salm_n]), num_classes,
                 epochs=args.salm_epochs, seed=args.seed, **cfg,

@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "mask_mode": "class",
     "flip_symmetric": True,
     "label_conditioned": True,
+    "class_pattern": True,
     "mask_refresh": 1,
     "warmup_epochs": 1,
     "generator_steps": 1,
@@ -53,6 +54,7 @@ def train_salm(
     mask_mode: str = DEFAULTS["mask_mode"],
     flip_symmetric: bool = DEFAULTS["flip_symmetric"],
     label_conditioned: bool = DEFAULTS["label_conditioned"],
+    class_pattern: bool = DEFAULTS["class_pattern"],
     mask_refresh: int = DEFAULTS["mask_refresh"],
     warmup_epochs: int = DEFAULTS["warmup_epochs"],
     generator_steps: int = DEFAULTS["generator_steps"],
@@ -79,6 +81,8 @@ def train_salm(
         labels: ``(N,)`` class indices.
         num_classes: number of classes.
         epochs .. generator_lr: see :class:`monai_salm.engines.SALMTrainer` and :data:`DEFAULTS`.
+        class_pattern: give a label-conditioned generator a learnable per-class spatial pattern of the
+            training image size (``NoiseGenerator(pattern_size=...)``) instead of one code per channel.
         stop_accuracy: stop when the surrogate's protected accuracy reaches it (None: run all epochs).
         progress: show an Ignite progress bar.
         val_images, val_labels: clean held-out data for the fresh-model monitor.
@@ -99,6 +103,8 @@ def train_salm(
     set_determinism(seed)
     spatial_dims, in_channels = images.ndim - 2, images.shape[1]
     generator_kwargs = dict(generator_kwargs or {})
+    if class_pattern and label_conditioned:
+        generator_kwargs.setdefault("pattern_size", list(images.shape[2:]))
     generator = NoiseGenerator(spatial_dims, in_channels, num_classes if label_conditioned else 0, **generator_kwargs)
     net = build_classifier(surrogate, spatial_dims, in_channels, num_classes)
     dataset = make_dataset(images, labels)
