@@ -1,8 +1,9 @@
-"""``monai-salm`` command line: train, protect, evaluate."""
+"""``monai-salm`` command line: train, protect, evaluate, demo."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -51,27 +52,35 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> dict:
-    arrays = load_npz(args.data)
-    images, labels = split_arrays(arrays, "train")
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-    num_classes = args.num_classes or _num_classes(arrays)
-    if labels.max() >= num_classes:
-        raise CLIError(f"{args.data}: labels go up to {labels.max()} but --num-classes is {num_classes}.")
-    x = to_tensor(images)
-    val = split_arrays(arrays, "val") if args.monitor_steps and "val_images" in arrays else None
-    if args.monitor_steps and val is None:
-        raise CLIError(f"{args.data}: --monitor-steps needs a val split (val_images, val_labels).")
-    print(f"train: {len(x)} images {tuple(x.shape[1:])}, {num_classes} classes, k={args.k}, eps={args.eps:.4f}, mask={args.mask_mode}")
+    from monai_salm.workflows import has_validation, load_training_arrays
+
+    data = load_training_arrays(args.data, args.intensity, ("training",), limit=args.limit or None)
+    x, labels = data.images, data.labels
+    val = None
+    if args.monitor_steps:
+        if not has_validation(args.data):
+            raise CLIError(f"{args.data}: --monitor-steps needs a validation split (.npz val_images/val_labels or a "
+                           "datalist 'validation' list).")
+        val = load_training_arrays(args.data, data.scaling, ("validation",), reference=data)
+    num_classes = args.num_classes or max(data.num_classes, val.num_classes if val is not None else 0)
+    if int(labels.max()) >= num_classes:
+        raise CLIError(f"{args.data}: labels go up to {int(labels.max())} but --num-classes is {num_classes}.")
+    scaling = data.scaling
+    print(
+        f"train: {len(x)} images {tuple(x.shape[1:])}, {num_classes} classes, k={args.k}, eps={args.eps:.4f} "
+        f"({scaling.epsilon_in_units(args.eps):.4g} in original units), mask={args.mask_mode}, "
+        f"intensity={scaling.to_dict()}"
+    )
     trainer, settings = train_salm(
         x,
-        torch.from_numpy(labels),
+        labels,
         num_classes,
         epochs=args.epochs,
         k=args.k,
         epsilon=args.eps,
         mask_mode=args.mask_mode,
         label_conditioned=not args.no_label_conditioning,
+        class_pattern=not args.no_class_pattern,
         mask_refresh=args.mask_refresh,
         warmup_epochs=args.warmup_epochs,
         generator_steps=args.generator_steps,
@@ -80,11 +89,12 @@ def _train(args: argparse.Namespace) -> dict:
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
-        val_images=None if val is None else to_tensor(val[0]),
-        val_labels=None if val is None else torch.from_numpy(val[1]),
+        val_images=None if val is None else val.images,
+        val_labels=None if val is None else val.labels,
         monitor_steps=args.monitor_steps,
         monitor_target=args.monitor_target,
     )
+    settings = dataclasses.replace(settings, intensity=scaling.to_dict())
     save_protection(
         args.out,
         settings,
@@ -99,6 +109,7 @@ def _train(args: argparse.Namespace) -> dict:
         "protected_accuracy": trainer.state.metrics.get("protected_accuracy"),
         "train_seconds": round(trainer.train_seconds, 1),
         "fresh_clean_accuracy": trainer.state.metrics.get("fresh_clean_accuracy"),
+        "intensity": scaling.to_dict(),
     }
     print(json.dumps(summary))
     return summary
@@ -111,7 +122,22 @@ def _changed_pixels(clean: np.ndarray, protected: np.ndarray) -> float:
     return float(diff.mean())
 
 
+def _check_npz_scaling(args: argparse.Namespace, settings, dtype: np.dtype) -> None:
+    """A .npz is protected in the MedMNIST scaling (uint8 / 255, float as is): the checkpoint must use it too."""
+    from monai_salm.workflows import scaling_from_settings
+
+    scaling = scaling_from_settings(settings)
+    expected = (0.0, 255.0) if dtype == np.uint8 else (0.0, 1.0)
+    if scaling.kind != "range" or (scaling.lo, scaling.hi) != expected:
+        raise CLIError(
+            f"{args.checkpoint}: trained with intensity scaling {scaling.to_dict()}, but {args.data} is protected in "
+            f"the .npz scaling range:{expected[0]:g}:{expected[1]:g}; train on it with --intensity auto."
+        )
+
+
 def _protect(args: argparse.Namespace) -> dict:
+    if Path(args.data).suffix.lower() != ".npz":
+        return _protect_files(args)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise CLIError(f"{out}: already exists (pass --overwrite to replace it).")
@@ -129,6 +155,7 @@ def _protect(args: argparse.Namespace) -> dict:
         if f"{split}_images" not in arrays:
             raise CLIError(f"{args.data}: no split '{split}' to protect.")
         images, labels = split_arrays(arrays, split)
+        _check_npz_scaling(args, settings, images.dtype)
         x = to_tensor(images)
         try:
             protected, _ = protect_tensor(
@@ -150,6 +177,40 @@ def _protect(args: argparse.Namespace) -> dict:
             f"PSNR {s['psnr_db']:.2f} dB"
         )
     print(json.dumps({"out": str(out), **report}))
+    return report
+
+
+def _protect_files(args: argparse.Namespace) -> dict:
+    """Protect a class folder or datalist into a folder: same formats and layout, plus manifest.csv."""
+    import logging
+
+    from monai_salm.io import read_manifest
+    from monai_salm.workflows import protect_files
+
+    logging.getLogger("ignite").addHandler(logging.NullHandler())  # errors are reported once, below
+    if args.splits != ["train"]:
+        raise CLIError("--splits applies to .npz data only; a datalist or class folder is protected whole.")
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise CLIError(f"{out}: output folder is not empty (pass --overwrite to write into it).")
+    start = time.perf_counter()
+    try:
+        manifest = protect_files(args.checkpoint, args.data, args.out, overwrite=args.overwrite, device=args.device,
+                                 seed=args.seed)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+    entries = read_manifest(manifest)
+    report = {
+        "out": str(args.out),
+        "manifest": str(manifest),
+        "files": len(entries),
+        "changed_voxels": int(sum(e.changed_voxels for e in entries)),
+        "max_abs_change": max((e.max_abs_change for e in entries), default=0.0),
+        "protect_seconds": round(time.perf_counter() - start, 2),
+    }
+    print(f"protected {report['files']} file(s) into {args.out}: max change {report['max_abs_change']:.4g} "
+          f"(original units), {report['changed_voxels']} changed voxels; manifest {manifest}")
+    print(json.dumps(report))
     return report
 
 
@@ -219,8 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("train", help="train SALM's surrogate and generator on a MedMNIST .npz")
-    p.add_argument("--data", required=True, help="MedMNIST-format .npz (train split is used)")
+    p = sub.add_parser("train", help="train SALM's surrogate and generator on a labelled dataset")
+    p.add_argument("--data", required=True,
+                   help="MedMNIST-format .npz (train split), MONAI datalist .json ('training' list) or a folder with "
+                        "one subfolder per class (NIfTI, DICOM, PNG/JPEG, NRRD/MHA; all images one size)")
+    p.add_argument("--intensity", default="auto",
+                   help="intensity scaling to [0, 1], stored in the checkpoint: window:LO:HI (e.g. CT "
+                        "window:-1000:1000), range:LO:HI, percentile:P:Q, or auto (default: the stored type's range "
+                        "for 8-bit data, percentile:0.5:99.5 otherwise)")
     p.add_argument("--out", required=True, help="checkpoint to write")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="maximum min-min epochs")
     p.add_argument("--k", type=_k, default=DEFAULTS["k"], help="fraction (0,1] or count of positions to perturb")
@@ -236,17 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor-target", type=float, default=None,
                    help="stop once the fresh model's clean val accuracy is at or below this")
     p.add_argument("--no-label-conditioning", action="store_true", help="generator without labels")
+    p.add_argument("--no-class-pattern", action="store_true", help="one code per class and channel, not a spatial pattern")
     p.add_argument("--num-classes", type=int, default=0, help="default: max label + 1")
     p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
     common(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("protect", help="protect a MedMNIST .npz with a trained checkpoint")
+    p = sub.add_parser("protect", help="protect a dataset (.npz, datalist or class folder) with a trained checkpoint")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="output .npz (same keys, dtypes and shapes)")
-    p.add_argument("--splits", nargs="+", default=["train"], choices=SPLITS, help="splits to protect (default: train)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--data", required=True, help="MedMNIST .npz, MONAI datalist .json or class folder")
+    p.add_argument("--out", required=True,
+                   help="output .npz for .npz data (same keys, dtypes and shapes); otherwise an output folder that "
+                        "receives every image in its format and relative layout, plus manifest.csv")
+    p.add_argument("--splits", nargs="+", default=["train"], choices=SPLITS,
+                   help=".npz only: splits to protect (default: train)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file / use a non-empty folder")
     common(p)
     p.set_defaults(func=_protect)
 

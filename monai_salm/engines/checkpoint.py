@@ -32,7 +32,9 @@ class SALMSettings:
         epsilon: L-infinity budget in ``value_range`` units.
         k: sparsity (fraction or count).
         value_range: range of the scaled images.
-        intensity: how raw data maps to ``value_range`` (e.g. ``{"kind": "uint8", "scale": 255}``).
+        intensity: how raw data maps to ``value_range``: a ``monai_salm.io.IntensityScaling`` dict, e.g.
+            ``{"kind": "window", "lo": -1000, "hi": 1000}`` for CT; epsilon means ``epsilon * (hi - lo)``
+            in original units.
         mask_mode: ``sample``, ``class`` or ``random``.
         label_conditioned: whether the generator takes labels.
         surrogate: surrogate architecture name.
@@ -46,7 +48,7 @@ class SALMSettings:
     epsilon: float
     k: float | int
     value_range: tuple[float, float] = (0.0, 1.0)
-    intensity: dict = dataclasses.field(default_factory=lambda: {"kind": "uint8", "scale": 255.0})
+    intensity: dict = dataclasses.field(default_factory=lambda: {"kind": "range", "lo": 0.0, "hi": 255.0, "clip": True})
     mask_mode: str = "sample"
     label_conditioned: bool = True
     surrogate: str = "resnet18"
