@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -105,14 +104,9 @@ def from_tensor(x: torch.Tensor, like: np.ndarray) -> np.ndarray:
 
 def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
     """Write a compressed ``.npz`` atomically (temporary file + rename)."""
+    from monai_salm.io.utils import atomic_path  # io.readers imports this module
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path

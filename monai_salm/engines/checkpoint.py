@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 from monai.transforms import Compose
 
+from monai_salm.io.utils import atomic_path
 from monai_salm.networks import NoiseGenerator, build_classifier
 from monai_salm.transforms import ApplyUnlearnableNoised, SaliencyMaskd
 
@@ -78,14 +78,8 @@ def save_protection(
         "class_scores": None if class_scores is None else class_scores.detach().cpu(),
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -23,6 +23,12 @@ def full_suffix(path: str | os.PathLike) -> str:
     return Path(name).suffix
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix) and rename it onto ``path`` on success.
@@ -42,6 +48,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
