@@ -138,6 +138,8 @@ def _check_npz_scaling(args: argparse.Namespace, settings, dtype: np.dtype) -> N
 def _protect(args: argparse.Namespace) -> dict:
     if Path(args.data).suffix.lower() != ".npz":
         return _protect_files(args)
+    if args.resume:
+        raise CLIError("--resume applies to a datalist or class folder protected into a folder, not to .npz data.")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise CLIError(f"{out}: already exists (pass --overwrite to replace it).")
@@ -191,12 +193,13 @@ def _protect_files(args: argparse.Namespace) -> dict:
     if args.splits != ["train"]:
         raise CLIError("--splits applies to .npz data only; a datalist or class folder is protected whole.")
     out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise CLIError(f"{out}: output folder is not empty (pass --overwrite to write into it).")
+    if out.is_dir() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise CLIError(f"{out}: output folder is not empty (pass --overwrite to write into it, or --resume to "
+                       "complete an interrupted run).")
     start = time.perf_counter()
     try:
         manifest = protect_files(args.checkpoint, args.data, args.out, overwrite=args.overwrite, device=args.device,
-                                 seed=args.seed)
+                                 seed=args.seed, resume=args.resume)
     except FileNotFoundError as e:
         raise CLIError(str(e)) from None
     entries = read_manifest(manifest)
@@ -318,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", default=["train"], choices=SPLITS,
                    help=".npz only: splits to protect (default: train)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file / use a non-empty folder")
+    p.add_argument("--resume", action="store_true",
+                   help="datalist / class folder only: complete an interrupted run into --out; copies already there "
+                        "are kept, the missing ones written, and manifest.csv covers every image (same checkpoint, "
+                        "data and seed)")
     common(p)
     p.set_defaults(func=_protect)
 

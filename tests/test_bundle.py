@@ -2,11 +2,13 @@
 
 Small generated PNG (2D), DICOM (2D, from pydicom's CT_small.dcm) and NIfTI (3D) class-folder datasets are trained
 on for one epoch with ``ConfigWorkflow`` (train.json), protected (inference.json), and the copies are checked against
-the clean files: layout, formats, manifest, changes within epsilon in original units and only inside the mask.
+the clean files: layout, formats, manifest, changes within epsilon in original units and only inside the mask. A
+class folder of 3D DICOM series folders goes through the same bundle runs, and an interrupted protection is resumed.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +83,33 @@ def make_dicom(root, n=4, size=16, seed=0):
             ds.set_pixel_data(stored.astype(np.int16), "MONOCHROME2", 16)  # also a new SOPInstanceUID
             ds.SeriesInstanceUID = pydicom.uid.generate_uid()
             ds.save_as(root / name / f"slice{i}.dcm", enforce_file_format=True)
+    return root
+
+
+def make_dicom_series(root, n=2, slices=4, size=16, seed=0):
+    """Two classes of CT series folders ``<class>/series<i>/`` of ``slices`` 16x16 slices from pydicom's CT_small.dcm.
+
+    Each slice gets new pixels (HU stored through RescaleSlope 2 / RescaleIntercept -1024), a new SOPInstanceUID,
+    the series' new SeriesInstanceUID, its ImagePositionPatient and InstanceNumber. File names run against the slice
+    order (``IM003.dcm`` is the first slice) so the reader has to sort by position.
+    """
+    rng = np.random.default_rng(seed)
+    slope, intercept = 2.0, -1024.0
+    for label, name in enumerate(("normal", "nodule")):
+        for i in range(n):
+            folder = root / name / f"series{i}"
+            folder.mkdir(parents=True)
+            series_uid = pydicom.uid.generate_uid()
+            for k in range(slices):
+                ds = pydicom.dcmread(CT)
+                hu = rng.integers(-900, 300, (size, size)) + 400 * label
+                ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+                ds.set_pixel_data(np.rint((hu - intercept) / slope).astype(np.int16), "MONOCHROME2", 16)  # new SOP UID
+                ds.SeriesInstanceUID = series_uid
+                ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+                ds.ImagePositionPatient = [-20.0, -30.0, -75.0 + 2.5 * k]
+                ds.InstanceNumber = k + 1
+                ds.save_as(folder / f"IM{slices - 1 - k:03d}.dcm", enforce_file_format=True)
     return root
 
 
@@ -327,6 +356,65 @@ def test_cli_train_protect_class_folder(tmp_path, capsys):
     assert {f: sha256_file(out / f) for f in relative_files(out)} == before
 
 
+def _tree(root):
+    """``{relative file: (sha256, mtime_ns)}`` of every file under ``root``."""
+    return {f: (sha256_file(root / f), (root / f).stat().st_mtime_ns) for f in relative_files(root)}
+
+
+def _age(root, files):
+    """Give ``files`` an old mtime, so that any rewrite shows."""
+    for f in files:
+        os.utime(root / f, ns=(10**18, 10**18))
+
+
+def test_cli_protect_resume(tmp_path, capsys, png_checkpoint):
+    data = make_png(tmp_path / "data", n=3)
+    out = tmp_path / "out"
+    protect = ["protect", "--checkpoint", str(png_checkpoint), "--data", str(data), "--out", str(out), "--quiet"]
+    assert main(protect) == 0
+    first, rows = _tree(out), read_manifest(out / "manifest.csv")
+    assert len(rows) == 6
+    # without --resume or --overwrite a non-empty output folder is refused, and left as it was
+    assert main(protect) == 2
+    assert "--resume" in capsys.readouterr().err and _tree(out) == first
+
+    # an interrupted run: two copies and the manifest never written, a temporary file left by a killed process
+    lost = ["benign/img1.png", "malignant/img0.png"]
+    for f in [*lost, "manifest.csv"]:
+        (out / f).unlink()
+    kept = relative_files(out)
+    _age(out, kept)
+    aged = _tree(out)
+    (out / "benign" / ".img1.png.k1ll3d.tmp.png").write_bytes(b"\x89PNG truncated")
+    assert main([*protect, "--resume"]) == 0
+    assert "protected 6 file(s)" in capsys.readouterr().out
+    after = _tree(out)
+    assert sorted(after) == sorted(first)  # the stale temporary file is gone
+    assert {f: after[f][0] for f in after} == {f: first[f][0] for f in first}  # byte-identical copies and manifest
+    assert {f: after[f] for f in kept} == aged  # the kept copies were not rewritten
+    assert read_manifest(out / "manifest.csv") == rows
+    make_medmnist(tmp_path / "d.npz", n=4, shape=(16, 16))
+    assert main(["protect", "--checkpoint", str(png_checkpoint), "--data", str(tmp_path / "d.npz"), "--out",
+                 str(tmp_path / "p.npz"), "--resume", "--quiet"]) == 2  # an .npz copy is written whole
+    assert "--resume applies to a datalist or class folder" in capsys.readouterr().err
+
+
+def test_failed_resume_keeps_earlier_files(tmp_path, capsys, png_checkpoint):
+    data = make_png(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    protect = ["protect", "--checkpoint", str(png_checkpoint), "--data", str(data), "--out", str(out), "--quiet"]
+    assert main(protect) == 0
+    for f in ("benign/img1.png", "manifest.csv"):
+        (out / f).unlink()
+    _age(out, relative_files(out))
+    earlier = _tree(out)
+    _bad_truncated(tmp_path / "more")  # a broken image found only when its pixels are read, after the missing copy
+    shutil.copy(tmp_path / "more" / "malignant" / "z_truncated.png", data / "malignant")
+    assert main([*protect, "--resume"]) == 2
+    assert "z_truncated.png" in capsys.readouterr().err
+    assert _tree(out) == earlier  # the copy written by this run is removed, the earlier run's files stay
+
+
 def _bad_corrupt(root):
     make_png(root, n=2)
     (root / "benign" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
@@ -411,3 +499,74 @@ def test_cli_npz_keeps_its_scaling(tmp_path, capsys):
     assert load_protection(ckpt)[0].intensity["kind"] == "percentile"
     assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--quiet"]) == 2
     assert "intensity scaling" in capsys.readouterr().err and not out.exists()
+
+
+def _slices(folder):
+    """``{file name: dataset}`` of a DICOM series folder."""
+    return {p.name: pydicom.dcmread(p) for p in sorted(Path(folder).glob("*.dcm"))}
+
+
+def _hu(ds):
+    return ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def test_bundle_dicom_series(tmp_path):
+    """3D DICOM series folders: bundle training, protection, then an interrupted protection resumed."""
+    data = make_dicom_series(tmp_path / "data")
+    bundle_root, out = tmp_path / "bundle", tmp_path / "protected"
+    run_workflow("train.json", "train", bundle_root=str(bundle_root), dataset_dir=str(data), **TINY)
+    settings = load_protection(bundle_root / "models" / "model.pt")[0]
+    assert settings.spatial_dims == 3 and tuple(settings.image_size) == (16, 16, 4)
+    eps_units = parse_intensity(settings.intensity).epsilon_in_units(settings.epsilon)
+    infer = {"bundle_root": str(bundle_root), "dataset_dir": str(data), "output_dir": str(out)}
+    run_workflow("inference.json", "infer", **infer)
+
+    series = sorted(p.relative_to(data) for p in data.glob("*/*") if p.is_dir())
+    assert len(series) == 4
+    assert relative_files(out) == sorted(relative_files(data) + ["manifest.csv"])
+    entries = {Path(e.output_path).relative_to(out).as_posix(): e for e in read_manifest(out / "manifest.csv")}
+    assert sorted(entries) == relative_files(data)  # one row per slice
+    new_series_uids = set()
+    for rel in series:
+        clean, protected = _slices(data / rel), _slices(out / rel)
+        assert list(protected) == list(clean) and len(protected) >= 3  # same slices, same file names
+        uids = {ds.SeriesInstanceUID for ds in protected.values()}
+        assert len(uids) == 1 and uids != {ds.SeriesInstanceUID for ds in clean.values()}
+        new_series_uids |= uids
+        changed = 0
+        for name, ds_out in protected.items():
+            ds_in = clean[name]
+            assert ds_out.ImagePositionPatient == ds_in.ImagePositionPatient  # same slice, same place
+            assert ds_out.InstanceNumber == ds_in.InstanceNumber
+            assert ds_out.SOPInstanceUID != ds_in.SOPInstanceUID
+            assert ds_out.file_meta.MediaStorageSOPInstanceUID == ds_out.SOPInstanceUID
+            assert ds_out.ImageType[0] == "DERIVED" and ds_out.DerivationDescription
+            assert (ds_out.RescaleSlope, ds_out.RescaleIntercept) == (ds_in.RescaleSlope, ds_in.RescaleIntercept)
+            diff = np.abs(_hu(ds_out) - _hu(ds_in))
+            assert diff.max() <= eps_units + 0.5 * float(ds_in.RescaleSlope) + 1e-6  # stored values are rounded
+            entry = entries[(rel / name).as_posix()]
+            assert entry.sha256 == sha256_file(out / rel / name) and entry.format == "dicom_series"
+            assert entry.changed_voxels == int((diff > 0).sum()) and entry.max_abs_change == pytest.approx(diff.max())
+            changed += entry.changed_voxels
+        assert changed > 0
+        volume, meta = read_image(out / rel)
+        assert volume.shape == (1, 16, 16, 4) and meta.format == "dicom_series"
+    assert len(new_series_uids) == len(series)
+    assert len({ds.SOPInstanceUID for rel in series for ds in _slices(out / rel).values()}) == 16
+
+    # interrupted in the middle of a series: its other slices keep their new SeriesInstanceUID when it is redone
+    rows = read_manifest(out / "manifest.csv")
+    partial = out / series[0]
+    first_uid = _slices(partial)["IM000.dcm"].SeriesInstanceUID
+    for f in (partial / "IM002.dcm", out / "manifest.csv"):
+        f.unlink()
+    others = [f for f in relative_files(out) if not f.startswith(series[0].as_posix())]
+    _age(out, others)
+    before = _tree(out)
+    run_workflow("inference.json", "infer", **infer, resume=True)
+    assert relative_files(out) == sorted(relative_files(data) + ["manifest.csv"])
+    assert {ds.SeriesInstanceUID for ds in _slices(partial).values()} == {first_uid}
+    assert {f: _tree(out)[f] for f in others} == {f: before[f] for f in others}
+    resumed = read_manifest(out / "manifest.csv")
+    assert [r.output_path for r in resumed] == [r.output_path for r in rows]
+    assert [r for r in resumed if r in rows] == [r for r in rows if not r.output_path.startswith(str(partial))]

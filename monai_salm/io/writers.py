@@ -1,13 +1,15 @@
 """Write protected copies of medical images in their original format, keeping their metadata.
 
 Every file is written to a temporary name in its destination folder and renamed into place, so an interrupted
-run never leaves a truncated file. Values are given in original units and stored back in the original stored
-type: rounded, clipped to the stored range, and through the file's slope/intercept.
+run never leaves a truncated file (:class:`ProtectedCopyWriter` with ``resume=True`` completes such a run). Values
+are given in original units and stored back in the original stored type: rounded, clipped to the stored range, and
+through the file's slope/intercept.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import secrets
 from pathlib import Path
@@ -21,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from monai_salm import __version__
 from monai_salm.io.manifest import ManifestEntry, write_manifest
 from monai_salm.io.readers import ImageMeta, ImageRecord, PILImage, itk, read_image
-from monai_salm.io.utils import atomic_path, is_within, sha256_file
+from monai_salm.io.utils import atomic_path, full_suffix, is_within, sha256_file
 
 __all__ = ["DEFAULT_DESCRIPTION", "write_image", "ProtectedCopyWriter"]
 
@@ -206,6 +208,10 @@ class ProtectedCopyWriter:
             writer.write(record, meta, protect(image), original=image)   # original units in, original units out
         writer.write_manifest("protected/manifest.csv")
 
+    To complete an interrupted run, open the same output root with ``resume=True`` and call
+    :meth:`add_existing` instead of :meth:`write` for the records whose copy :meth:`is_written`; their manifest
+    entries are measured on the files already there.
+
     Args:
         output_root: the folder to write into; created if missing.
         records: the dataset's records; their roots are the input folders.
@@ -213,26 +219,37 @@ class ProtectedCopyWriter:
         description: DICOM DerivationDescription.
         uid_salt: secret mixed into the new DICOM SeriesInstanceUIDs, which are derived from the original series
             UID so that files of one original series share one new series (random when None).
+        resume: allow a non-empty ``output_root`` holding the copy of an interrupted run. The new
+            SeriesInstanceUIDs already used by DICOM copies there are reused for the other files of the same
+            original series, and leftover temporary files of the records written are removed.
 
     Raises:
         ValueError: when ``output_root`` is, lies inside, or contains an input folder, is a file, or is not empty
-            (without ``overwrite``).
+            (without ``overwrite`` or ``resume``).
     """
 
     def __init__(self, output_root: str | os.PathLike, records: list[ImageRecord], overwrite: bool = False,
-                 description: str = DEFAULT_DESCRIPTION, uid_salt: str | None = None):
+                 description: str = DEFAULT_DESCRIPTION, uid_salt: str | None = None, resume: bool = False):
         self.output_root = Path(output_root)
         for root in dict.fromkeys(Path(r.root) for r in records):
             self._check_root(root)
         if self.output_root.exists():
             if not self.output_root.is_dir():
                 raise ValueError(f"{self.output_root}: output path exists and is not a folder.")
-            if not overwrite and any(self.output_root.iterdir()):
-                raise ValueError(f"{self.output_root}: output folder is not empty; pass overwrite=True to use it.")
+            if not (overwrite or resume) and any(self.output_root.iterdir()):
+                raise ValueError(f"{self.output_root}: output folder is not empty; pass overwrite=True to use it "
+                                 "(or resume=True to complete an interrupted run).")
         self.output_root.mkdir(parents=True, exist_ok=True)
         self.description = description
         self.uid_salt = uid_salt or secrets.token_hex(16)
+        self.resume = bool(resume)
         self.entries: list[ManifestEntry] = []
+        #: files this writer created (they did not exist before), and existing files it replaced
+        self.created: list[Path] = []
+        self.replaced: list[Path] = []
+        self._series_uids: dict[str, str] = {}  # original SeriesInstanceUID -> new one
+        if self.resume:
+            self._adopt_series_uids(records)
 
     def _check_root(self, root: Path) -> None:
         if is_within(self.output_root, root):
@@ -249,10 +266,55 @@ class ProtectedCopyWriter:
         """
         return self.output_root / record.relpath
 
+    def output_files(self, record: ImageRecord) -> list[Path]:
+        """The files written for ``record``: :meth:`output_path`, or one file per slice inside it for a DICOM series
+        (the slices keep their file names).
+
+        Raises:
+            ValueError: when the record lies outside its dataset root.
+        """
+        dest = self.output_path(record)
+        if record.format == "dicom_series":
+            return [dest / p.name for p in sorted(Path(record.path).iterdir()) if not p.name.startswith(".")]
+        return [dest]
+
+    def is_written(self, record: ImageRecord) -> bool:
+        """Whether every file of ``record``'s copy exists (files are renamed into place complete, never partial)."""
+        return all(p.is_file() for p in self.output_files(record))
+
+    def _adopt_series_uids(self, records: list[ImageRecord]) -> None:
+        """Reuse the new SeriesInstanceUIDs of DICOM copies already in the output root (resume)."""
+        for record in records:
+            if record.format not in ("dicom", "dicom_series"):
+                continue
+            try:
+                files = self.output_files(record)
+                done = [p for p in files if p.is_file()]
+                if not done:
+                    continue
+                source = Path(record.path) / files[0].name if record.format == "dicom_series" else record.path
+                original = pydicom.dcmread(source, stop_before_pixels=True).get("SeriesInstanceUID")
+                new = pydicom.dcmread(done[0], stop_before_pixels=True).get("SeriesInstanceUID")
+            except Exception:  # noqa: BLE001 - an unreadable file is reported when it is written or read back
+                continue
+            if original and new:
+                self._series_uids.setdefault(str(original), str(new))
+
     def _series_uid(self, meta: ImageMeta) -> str | None:
         if not meta.datasets or "SeriesInstanceUID" not in meta.datasets[0]:
             return None
-        return generate_uid(entropy_srcs=["monai-salm", self.uid_salt, str(meta.datasets[0].SeriesInstanceUID)])
+        original = str(meta.datasets[0].SeriesInstanceUID)
+        if original not in self._series_uids:
+            self._series_uids[original] = generate_uid(entropy_srcs=["monai-salm", self.uid_salt, original])
+        return self._series_uids[original]
+
+    @staticmethod
+    def _remove_temporaries(files: list[Path]) -> None:
+        """Remove temporary files that an interrupted :func:`~monai_salm.io.atomic_path` left beside ``files``."""
+        for out in files:
+            pattern = glob.escape(f".{out.name}.") + "*" + glob.escape(".tmp" + full_suffix(out))
+            for tmp in out.parent.glob(pattern):
+                tmp.unlink(missing_ok=True)
 
     def write(self, record: ImageRecord, meta: ImageMeta, array: np.ndarray, original: np.ndarray | None = None
               ) -> list[ManifestEntry]:
@@ -276,9 +338,57 @@ class ProtectedCopyWriter:
             raise ValueError(f"{record.path}: write .npz datasets whole with monai_salm.data.save_npz.")
         self._check_root(Path(record.root))
         dest = self.output_path(record)
-        written = write_image(meta, array, dest, self.description, self._series_uid(meta))
+        targets = self.output_files(record)
+        if self.resume:
+            self._remove_temporaries(targets)
+        existed = {p for p in targets if p.exists()}
+        written: list[Path] = []
+        try:
+            written = write_image(meta, array, dest, self.description, self._series_uid(meta))
+        finally:  # also the slices of a series written before a failure
+            self.created += [p for p in targets if p not in existed and p.exists()]
+        self.replaced += [p for p in written if p in existed]
+        return self._add_entries(record, meta, written, original)
+
+    def add_existing(self, record: ImageRecord, meta: ImageMeta | None = None, original: np.ndarray | None = None
+                     ) -> list[ManifestEntry]:
+        """Record the copy of ``record`` already in the output root in :attr:`entries`, without writing it.
+
+        The entries are measured exactly as :meth:`write` measures a file it wrote: the file on disk is read back
+        and compared with the input (for ``resume``, where an earlier run wrote it).
+
+        Args:
+            record: the record whose copy exists (see :meth:`is_written`).
+            meta, original: the input's metadata and clean values in original units (read from ``record`` when
+                None).
+
+        Returns:
+            one manifest entry per file (one per slice for a DICOM series).
+
+        Raises:
+            ValueError: for a missing or unreadable copy, or one that does not match the input's shape.
+        """
+        self._check_root(Path(record.root))
+        if meta is None or original is None:
+            original, meta = read_image(record)
+        dest = self.output_path(record)
+        files = [dest / f.name for f in meta.files] if meta.format == "dicom_series" else [dest]
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise ValueError(f"{record.path}: its copy is incomplete, missing {', '.join(missing)}.")
+        if self.resume:
+            self._remove_temporaries(files)
+        return self._add_entries(record, meta, files, original)
+
+    def _add_entries(self, record: ImageRecord, meta: ImageMeta, written: list[Path], original: np.ndarray | None
+                     ) -> list[ManifestEntry]:
+        """Manifest entries of ``record``'s copy (``written``), measured on the files as stored."""
+        dest = self.output_path(record)
         before = read_image(record)[0] if original is None else np.asarray(original, dtype=np.float32)
         after = read_image(dest)[0]
+        if after.shape != before.shape:
+            raise ValueError(f"{dest}: the copy has shape {tuple(after.shape)} but its input {record.path} has "
+                             f"{tuple(before.shape)}.")
         diff = np.abs(after.astype(np.float64) - before.astype(np.float64))
         if meta.format == "dicom_series":
             parts = [(meta.files[k], diff[..., k]) for k in range(len(written))]

@@ -1,0 +1,72 @@
+"""Dataset-to-protected-copy workflows shared by the ``monai-salm`` command line and the bundle.
+
+Both ``monai-salm train|protect`` and ``bundles/salm_protect`` (``python -m monai.bundle run``) go through the
+functions and classes here, so a dataset is read, scaled, checked, protected and written the same way:
+
+- :func:`load_training_arrays` / :func:`load_train_val`: a MONAI datalist JSON, a folder with one subfolder per
+  class, or a MedMNIST ``.npz`` -> ``(N, C, *spatial)`` tensors in [0, 1] with an explicit
+  :class:`~monai_salm.io.IntensityScaling` (stored in the checkpoint, it defines what epsilon means in original
+  units);
+- :class:`BundleNoiseGenerator`, :func:`make_settings`, :class:`ProtectedValidationInferer`,
+  :class:`SaveProtection`: the pieces of the bundle's training config around
+  :class:`~monai_salm.engines.SALMTrainer`;
+- :func:`load_checkpoint`, :class:`ProtectionDataset`, :class:`ProtectInferer`, :class:`ProtectedCopySaver`,
+  :func:`protect_evaluator`, :func:`protect_files`: protect every image of a dataset with a checkpoint and write
+  the copy in the same formats and layout, with a manifest (``resume=True`` completes an interrupted run).
+
+Modules, one job each (every name is also importable from ``monai_salm.workflows``):
+
+- :mod:`~monai_salm.workflows.intensity`: :func:`parse_intensity`, :func:`scaling_from_settings`;
+- :mod:`~monai_salm.workflows.arrays`: :class:`TrainingArrays`, :func:`load_training_arrays`;
+- :mod:`~monai_salm.workflows.split`: :func:`has_validation`, :func:`split_validation`, :class:`SALMData`,
+  :func:`load_train_val`;
+- :mod:`~monai_salm.workflows.networks`: :class:`NetworkShape`, :func:`network_shape`,
+  :class:`BundleNoiseGenerator`;
+- :mod:`~monai_salm.workflows.training`: :func:`make_settings`, :class:`ProtectedValidationInferer`,
+  :class:`SaveProtection`;
+- :mod:`~monai_salm.workflows.checkpoint`: :class:`Protection`, :func:`load_checkpoint`;
+- :mod:`~monai_salm.workflows.dataset`: :class:`ProtectionDataset`;
+- :mod:`~monai_salm.workflows.saver`: :class:`ProtectedCopySaver`;
+- :mod:`~monai_salm.workflows.protect`: :class:`ProtectInferer`, :func:`protect_evaluator`, :func:`protect_files`;
+- :mod:`~monai_salm.workflows.summary`: :func:`log_checkpoint`, :func:`log_manifest`.
+
+The SALM math itself lives in :mod:`monai_salm.api`, :mod:`monai_salm.engines` and
+:mod:`monai_salm.transforms.functional`.
+"""
+
+from monai_salm.workflows.arrays import TrainingArrays, load_training_arrays
+from monai_salm.workflows.checkpoint import Protection, load_checkpoint
+from monai_salm.workflows.dataset import ProtectionDataset
+from monai_salm.workflows.intensity import parse_intensity, scaling_from_settings
+from monai_salm.workflows.networks import BundleNoiseGenerator, NetworkShape, network_shape
+from monai_salm.workflows.protect import ProtectInferer, protect_evaluator, protect_files
+from monai_salm.workflows.saver import ProtectedCopySaver
+from monai_salm.workflows.split import SALMData, has_validation, load_train_val, split_validation
+from monai_salm.workflows.summary import log_checkpoint, log_manifest
+from monai_salm.workflows.training import ProtectedValidationInferer, SaveProtection, make_settings
+
+__all__ = [
+    "TrainingArrays",
+    "SALMData",
+    "Protection",
+    "parse_intensity",
+    "scaling_from_settings",
+    "has_validation",
+    "load_training_arrays",
+    "split_validation",
+    "load_train_val",
+    "NetworkShape",
+    "network_shape",
+    "BundleNoiseGenerator",
+    "make_settings",
+    "ProtectedValidationInferer",
+    "SaveProtection",
+    "load_checkpoint",
+    "ProtectionDataset",
+    "ProtectInferer",
+    "ProtectedCopySaver",
+    "protect_evaluator",
+    "protect_files",
+    "log_checkpoint",
+    "log_manifest",
+]

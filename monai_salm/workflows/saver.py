@@ -1,0 +1,108 @@
+"""Evaluator handler that writes the protected copy of each image and the manifest."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+
+from monai_salm.io import DEFAULT_DESCRIPTION, ProtectedCopyWriter
+from monai_salm.workflows.dataset import ProtectionDataset
+
+__all__ = ["ProtectedCopySaver"]
+
+
+class ProtectedCopySaver:
+    """Evaluator handler writing each protected image as a copy of its file, and the manifest at the end.
+
+    The change made in [0, 1] is carried back onto the original values with
+    :meth:`IntensityScaling.apply_delta` and written by :class:`~monai_salm.io.ProtectedCopyWriter` (same format,
+    metadata and relative layout; temporary name then rename). If the run fails, the files written so far (and
+    the folders it created) are removed, so a failed run leaves no partial output.
+
+    With ``resume``, a run interrupted earlier is completed: an image whose copy is already in ``output_dir``
+    (every file present; files only ever appear there complete) is not written again, since protection is
+    deterministic for the same checkpoint, data and seed. Its manifest entries are measured on the existing files
+    (:meth:`~monai_salm.io.ProtectedCopyWriter.add_existing`), the missing copies are written, and the manifest
+    covers every image. A failed resumed run removes only the files it created itself.
+
+    Args:
+        dataset: the :class:`ProtectionDataset` the evaluator reads.
+        output_dir: where the copy goes (must be outside the input, and empty unless ``overwrite`` or ``resume``).
+        overwrite: allow a non-empty ``output_dir``.
+        manifest_name: manifest file name inside ``output_dir`` (``.csv`` or ``.json``).
+        description: DICOM DerivationDescription.
+        resume: allow a non-empty ``output_dir`` and keep the copies already there.
+    """
+
+    def __init__(self, dataset: ProtectionDataset, output_dir: str | os.PathLike, overwrite: bool = False,
+                 manifest_name: str = "manifest.csv", description: str = DEFAULT_DESCRIPTION,
+                 resume: bool = False) -> None:
+        self.dataset = dataset
+        self.output_dir = Path(output_dir)
+        self.overwrite = bool(overwrite)
+        self.resume = bool(resume)
+        self.manifest_name = manifest_name
+        self.description = description
+        self.writer: ProtectedCopyWriter | None = None
+        self.manifest_path: Path | None = None
+        self._created: list[Path] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+
+    def started(self, engine: Engine) -> None:
+        missing = [p for p in (self.output_dir, *self.output_dir.parents) if not p.exists()]
+        self.writer = ProtectedCopyWriter(self.output_dir, self.dataset.records, overwrite=self.overwrite,
+                                          description=self.description, resume=self.resume)
+        self._created = missing  # folders this run made (removed again if it fails)
+        if self.resume:
+            done = sum(self.writer.is_written(r) for r in self.dataset.records)
+            engine.logger.info(f"resuming in {self.output_dir}: {done} of {len(self.dataset.records)} image(s) "
+                               "already written are kept.")
+
+    def iteration_completed(self, engine: Engine) -> None:
+        protected = engine.state.output["pred"].detach().cpu().numpy()
+        indices = engine.state.batch["index"]
+        for j, index in enumerate(torch.as_tensor(indices).reshape(-1).tolist()):
+            record = self.dataset.records[index]
+            original, clean_unit, meta = self.dataset.take(index)
+            if self.resume and self.writer.is_written(record):
+                self.writer.add_existing(record, meta, original=original)
+                continue
+            array = self.dataset.scaling.apply_delta(original, clean_unit, protected[j])
+            self.writer.write(record, meta, array, original=original)
+
+    def completed(self, engine: Engine) -> None:
+        self.manifest_path = self.writer.write_manifest(self.output_dir / self.manifest_name)
+        written = len(self.writer.created) + len(self.writer.replaced)
+        kept = f", kept {len(self.writer.entries) - written} already there," if self.resume else ""
+        engine.logger.info(f"wrote {written} protected file(s){kept} and the manifest {self.manifest_path}.")
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        self.cleanup()
+        raise e
+
+    def cleanup(self) -> None:
+        """Remove the files written so far and the folders this run created, if empty.
+
+        With ``resume``, files that existed before this run (written by an earlier one) are kept, even those this
+        run replaced (a DICOM series completed here).
+        """
+        if self.writer is not None:
+            folders = set()
+            for out in self.writer.created + ([] if self.resume else self.writer.replaced):
+                out.unlink(missing_ok=True)
+                folders.update(p for p in out.parents if self.output_dir in (p, *p.parents))
+            for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+                if folder != self.output_dir and folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            self.writer.entries.clear()
+        for folder in self._created:  # deepest first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()

@@ -1,0 +1,149 @@
+"""Pieces of the bundle's training config around :class:`~monai_salm.engines.SALMTrainer`: the settings stored in
+the checkpoint, the protected-validation inferer and the handler that saves the checkpoint."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from monai.inferers import Inferer
+
+from monai_salm.api import protect_tensor
+from monai_salm.engines import SALMSettings, save_protection
+from monai_salm.networks import NoiseGenerator
+from monai_salm.workflows.arrays import TrainingArrays
+from monai_salm.workflows.split import SALMData
+
+__all__ = ["make_settings", "ProtectedValidationInferer", "SaveProtection"]
+
+
+def _generator_kwargs(generator: NoiseGenerator) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"channels": [int(c) for c in generator.net.channels],
+                              "strides": [int(s) for s in generator.net.strides]}
+    if generator.pattern_size is not None:
+        kwargs["pattern_size"] = list(generator.pattern_size)
+    return kwargs
+
+
+def make_settings(
+    generator: NoiseGenerator,
+    data: SALMData | TrainingArrays,
+    k: float | int,
+    epsilon: float,
+    mask_mode: str,
+    surrogate: str = "resnet18",
+    num_classes: int | None = None,
+) -> SALMSettings:
+    """The :class:`~monai_salm.engines.SALMSettings` of a bundle training run (stored in ``models/model.pt``).
+
+    Args:
+        generator: the bundle's ``network_def``.
+        data: the training data (its shapes and intensity scaling are recorded).
+        k, epsilon, mask_mode: the trainer's settings.
+        surrogate: the surrogate's architecture name (:func:`monai_salm.networks.build_classifier`).
+        num_classes: default: ``data.num_classes``.
+
+    Raises:
+        ValueError: when the generator does not match the data (dimensions, channels, class pattern size).
+    """
+    if generator.spatial_dims != data.spatial_dims or generator.in_channels != data.in_channels:
+        raise ValueError(
+            f"network_def is {generator.spatial_dims}D with {generator.in_channels} channel(s) but the data is "
+            f"{data.spatial_dims}D with {data.in_channels}."
+        )
+    num_classes = int(num_classes or data.num_classes)
+    if generator.label_conditioned and generator.num_classes != num_classes:
+        raise ValueError(f"network_def has {generator.num_classes} classes but the data has {num_classes}.")
+    if generator.pattern_size is not None and list(generator.pattern_size) != list(data.image_size):
+        raise ValueError(
+            f"network_def's class pattern is {generator.pattern_size} but the images are {tuple(data.image_size)}."
+        )
+    return SALMSettings(
+        spatial_dims=data.spatial_dims,
+        in_channels=data.in_channels,
+        num_classes=num_classes,
+        image_size=tuple(data.image_size),
+        epsilon=float(epsilon),
+        k=k,
+        value_range=(0.0, 1.0),
+        intensity=data.scaling.to_dict(),
+        mask_mode=mask_mode,
+        label_conditioned=generator.label_conditioned,
+        surrogate=surrogate,
+        generator=_generator_kwargs(generator),
+    )
+
+
+class ProtectedValidationInferer(Inferer):
+    """Validation inferer of the bundle: the surrogate's logits on PROTECTED validation images.
+
+    Each validation batch is protected exactly as released images are (:func:`monai_salm.api.protect_tensor`)
+    with the bound :class:`~monai_salm.engines.SALMTrainer`'s current generator and masks (class masks in
+    ``"class"`` mode, the surrogate's saliency in ``"sample"`` mode), then classified by ``network`` (the
+    surrogate). Use with ``PrepareBatchExtraInput({"labels": "label"})``.
+
+    Args:
+        settings: the run's settings (epsilon, k, mask mode, value range).
+    """
+
+    def __init__(self, settings: SALMSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.trainer = None
+
+    def bind(self, trainer: Engine) -> ProtectedValidationInferer:
+        """Use ``trainer``'s generator and masks; returns ``self``."""
+        self.trainer = trainer
+        return self
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, labels: torch.Tensor, *args, **kwargs):
+        if self.trainer is None:
+            raise RuntimeError("ProtectedValidationInferer is not bound to a SALMTrainer: call bind(trainer) first.")
+        protected, _ = protect_tensor(
+            inputs, labels, self.settings, self.trainer.generator, network, self.trainer.class_scores,
+            batch_size=max(1, inputs.shape[0]), device=inputs.device, seed=self.trainer.seed,
+        )
+        network.eval()
+        return network(protected.to(inputs.device))
+
+
+class SaveProtection:
+    """Handler writing the monai-salm checkpoint (:func:`monai_salm.engines.save_protection`) when training ends.
+
+    At ``COMPLETED`` it recomputes the final masks (and clean batch-norm statistics) of the
+    :class:`~monai_salm.engines.SALMTrainer`, as :func:`monai_salm.api.train_salm` does, and saves generator,
+    surrogate, class score maps and settings to ``path`` (atomically).
+
+    Args:
+        path: the checkpoint file (the bundle's ``models/model.pt``).
+        settings: from :func:`make_settings`.
+        extra: more values to store under ``"extra"`` (the data source, ...).
+    """
+
+    def __init__(self, path: str | os.PathLike, settings: SALMSettings, extra: dict | None = None) -> None:
+        self.path = Path(path)
+        self.settings = settings
+        self.extra = dict(extra or {})
+        self._start = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.perf_counter()
+
+    def __call__(self, engine: Engine) -> None:
+        engine.refresh_masks()
+        extra = {
+            **{k: str(v) if isinstance(v, os.PathLike) else v for k, v in self.extra.items()},
+            "epochs_run": int(engine.state.epoch),
+            "protected_accuracy": engine.state.metrics.get("protected_accuracy"),
+            "train_seconds": None if self._start is None else time.perf_counter() - self._start,
+        }
+        save_protection(self.path, self.settings, engine.generator, engine.surrogate, engine.class_scores, extra=extra)
+        engine.logger.info(f"saved the monai-salm checkpoint to {self.path}.")
