@@ -8,9 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from monai.data import Dataset
+from monai.data import DataLoader, Dataset
 from monai.utils import set_determinism
-from monai.data import DataLoader
 from tqdm.auto import tqdm
 
 from monai_salm.engines import FreshModelMonitor, SALMSettings, SALMTrainer
@@ -161,11 +160,6 @@ def train_salm(
     return trainer, settings
 
 
-@torch.no_grad()
-def _generate(generator: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return call_generator(generator, x, y)
-
-
 def protect_tensor(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -206,7 +200,9 @@ def protect_tensor(
             mask = topk_mask(torch.rand(x.shape[0], *x.shape[2:], generator=rng).to(device), settings.k)
         else:
             mask = topk_mask(saliency_scores(surrogate, x, y), settings.k)
-        outs.append(perturb(x, mask, _generate(generator, x, y), settings.epsilon, settings.value_range).cpu())
+        with torch.no_grad():
+            raw = call_generator(generator, x, y)
+        outs.append(perturb(x, mask, raw, settings.epsilon, settings.value_range).cpu())
         masks.append(mask.bool().cpu())
     return torch.cat(outs), torch.cat(masks)
 

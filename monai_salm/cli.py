@@ -351,10 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input)."""
     args = build_parser().parse_args(argv)
     _set_threads(args)
-    for name in ("eps",):
-        if hasattr(args, name) and not 0 < getattr(args, name) <= 1:
-            print(f"monai-salm: error: epsilon must be in (0, 1], got {getattr(args, name)}", file=sys.stderr)
-            return 2
+    if hasattr(args, "eps") and not 0 < args.eps <= 1:
+        print(f"monai-salm: error: epsilon must be in (0, 1], got {args.eps}", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except (CLIError, ValueError) as e:

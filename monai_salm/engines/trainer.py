@@ -15,7 +15,7 @@ from monai.handlers import from_engine
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
-from monai_salm.transforms.functional import call_generator, perturb, resolve_k, saliency_scores, topk_mask
+from monai_salm.transforms.functional import call_generator, perturb, saliency_scores, topk_mask
 
 __all__ = ["SALMTrainer", "MASK_MODES", "INDEX_KEY", "flip_average"]
 
