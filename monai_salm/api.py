@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 from monai.data import DataLoader, Dataset
+from monai.handlers import from_engine
+from monai.utils import CommonKeys as Keys
 from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
@@ -139,7 +141,8 @@ def train_salm(
     if progress:
         from ignite.handlers import ProgressBar
 
-        ProgressBar(persist=True).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+        loss = from_engine([Keys.LOSS], first=True)  # the output is decollated: a list of per-sample dicts
+        ProgressBar(persist=True).attach(trainer, output_transform=lambda out: {"loss": loss(out)})
     start = time.perf_counter()
     trainer.run()
     trainer.refresh_masks()  # final masks and clean batch-norm statistics for release
