@@ -16,11 +16,10 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 from monai_salm.api import protect_tensor, protection_stats, train_salm
-from monai_salm.data import from_tensor, is_rgb, load_npz, split_arrays, to_tensor
+from monai_salm.data import changed_pixel_fraction, from_tensor, load_npz, split_arrays, to_tensor
 from monai_salm.evaluation import train_victim
 
 CONFIGS = {
@@ -41,11 +40,6 @@ CONFIGS = {
     "class_k05_e28_sym_pattern": dict(mask_mode="class", k=0.05, epsilon=28 / 255, flip_symmetric=True, class_pattern=True),
     "sample_k10_pattern": dict(mask_mode="sample", k=0.1, epsilon=20 / 255, class_pattern=True),
 }
-
-
-def changed_pixel_fraction(clean: np.ndarray, protected: np.ndarray) -> float:
-    diff = clean != protected
-    return float((diff.any(-1) if is_rgb(clean) else diff).mean())
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from monai_salm.api import DEFAULTS, protect_tensor, protection_stats, train_salm
-from monai_salm.data import SPLITS, from_tensor, is_rgb, load_npz, save_npz, split_arrays, to_tensor
+from monai_salm.data import SPLITS, changed_pixel_fraction, from_tensor, load_npz, save_npz, split_arrays, to_tensor
 from monai_salm.engines import load_protection, save_protection
 
 __all__ = ["main", "build_parser"]
@@ -115,13 +115,6 @@ def _train(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _changed_pixels(clean: np.ndarray, protected: np.ndarray) -> float:
-    diff = clean != protected
-    if is_rgb(clean):
-        diff = diff.any(-1)
-    return float(diff.mean())
-
-
 def _check_npz_scaling(args: argparse.Namespace, settings, dtype: np.dtype) -> None:
     """A .npz is protected in the MedMNIST scaling (uint8 / 255, float as is): the checkpoint must use it too."""
     from monai_salm.workflows import scaling_from_settings
@@ -168,7 +161,7 @@ def _protect(args: argparse.Namespace) -> dict:
             raise CLIError(f"{args.data}: {e}") from None
         result[f"{split}_images"] = from_tensor(protected, images)
         stats = protection_stats(images, result[f"{split}_images"], 255.0 if images.dtype == np.uint8 else 1.0)
-        stats["changed_pixel_fraction"] = _changed_pixels(images, result[f"{split}_images"])
+        stats["changed_pixel_fraction"] = changed_pixel_fraction(images, result[f"{split}_images"])
         report[split] = stats
     report["protect_seconds"] = round(time.perf_counter() - start, 2)
     save_npz(out, result)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["SPLITS", "load_npz", "split_arrays", "is_rgb", "to_tensor", "from_tensor", "save_npz"]
+__all__ = ["SPLITS", "load_npz", "split_arrays", "is_rgb", "changed_pixel_fraction", "to_tensor", "from_tensor", "save_npz"]
 
 SPLITS = ("train", "val", "test")
 
@@ -79,6 +79,12 @@ def split_arrays(arrays: dict[str, np.ndarray], split: str) -> tuple[np.ndarray,
 def is_rgb(images: np.ndarray) -> bool:
     """MedMNIST convention: a trailing axis of 3 on 4-D arrays is colour, otherwise 4-D is 3D grey."""
     return images.ndim == 4 and images.shape[-1] == 3
+
+
+def changed_pixel_fraction(clean: np.ndarray, protected: np.ndarray) -> float:
+    """Fraction of pixel/voxel positions where any channel differs between two MedMNIST arrays."""
+    diff = clean != protected
+    return float((diff.any(-1) if is_rgb(clean) else diff).mean())
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

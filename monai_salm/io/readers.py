@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -469,6 +471,19 @@ _READERS = {
 }
 
 
+@contextmanager
+def _errors_name_file(path: Path, what: str) -> Iterator[None]:
+    """Turn a reader library's exception into a ``ValueError`` naming the file (ours and missing extras pass)."""
+    try:
+        yield
+    except ValueError:
+        raise
+    except Exception as e:
+        if type(e).__name__ == "OptionalImportError":
+            raise
+        raise ValueError(f"{path}: cannot read {what} ({type(e).__name__}: {e}).") from None
+
+
 def read_image(source: ImageRecord | str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
     """Read one image in original units with the metadata needed to write it back.
 
@@ -488,14 +503,8 @@ def read_image(source: ImageRecord | str | os.PathLike) -> tuple[np.ndarray, Ima
     else:
         path, record = Path(source), None
         fmt = detect_format(path)
-    try:
+    with _errors_name_file(path, f"{fmt} image"):
         return _READERS[fmt](path, record)
-    except ValueError:
-        raise
-    except Exception as e:
-        if type(e).__name__ == "OptionalImportError":
-            raise
-        raise ValueError(f"{path}: cannot read {fmt} image ({type(e).__name__}: {e}).") from None
 
 
 def probe_image(source: ImageRecord | str | os.PathLike) -> int:
@@ -517,7 +526,7 @@ def probe_image(source: ImageRecord | str | os.PathLike) -> int:
     else:
         path = Path(source)
         fmt = detect_format(path)
-    try:
+    with _errors_name_file(path, f"{fmt} header"):
         if fmt == "dicom":
             return 3 if _num_frames(_dcmread(path, stop_before_pixels=True)) > 1 else 2
         if fmt == "dicom_series":
@@ -544,10 +553,4 @@ def probe_image(source: ImageRecord | str | os.PathLike) -> int:
             return int(io.GetNumberOfDimensions())
         if fmt == "npz":
             return read_image(source)[1].spatial_dims
-    except ValueError:
-        raise
-    except Exception as e:
-        if type(e).__name__ == "OptionalImportError":
-            raise
-        raise ValueError(f"{path}: cannot read {fmt} header ({type(e).__name__}: {e}).") from None
     raise ValueError(f"{path}: unknown format {fmt!r}.")
