@@ -15,6 +15,7 @@ from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
 from monai_salm.engines import FreshModelMonitor, SALMSettings, SALMTrainer
+from monai_salm.evaluation.countermeasures import differentiable_view
 from monai_salm.networks import NoiseGenerator, build_classifier
 from monai_salm.transforms.functional import call_generator, perturb, resolve_k, saliency_scores, topk_mask
 
@@ -74,6 +75,7 @@ def train_salm(
     val_labels: torch.Tensor | None = None,
     monitor_steps: int = DEFAULTS["monitor_steps"],
     monitor_target: float | None = None,
+    robust_to: str | None = None,
 ) -> tuple[SALMTrainer, SALMSettings]:
     """Train SALM's surrogate and generator on in-memory images.
 
@@ -91,6 +93,8 @@ def train_salm(
             :class:`monai_salm.engines.FreshModelMonitor` training a fresh surrogate-architecture model for
             this many steps on up to 1024 protected training images after every epoch.
         monitor_target: stop once the fresh model's clean accuracy is at or below this.
+        robust_to: a preprocess countermeasure (e.g. ``"median"``) the surrogate sees the protected batch through in
+            half the iterations, so the noise learns to survive it (:class:`~monai_salm.engines.SALMTrainer`).
 
     Returns:
         the finished trainer (with final masks) and the settings to store in a checkpoint.
@@ -129,6 +133,7 @@ def train_salm(
         stop_accuracy=stop_accuracy,
         mask_loader=DataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False),
         seed=seed,
+        surrogate_view=differentiable_view(robust_to) if robust_to else None,
         train_handlers=handlers,
     )
     if monitor_steps > 0 and val_images is not None and val_labels is not None:

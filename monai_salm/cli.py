@@ -1,4 +1,4 @@
-"""``monai-salm`` command line: train, protect, evaluate, demo."""
+"""``monai-salm`` command line: train, protect, evaluate, baseline, demo."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import torch
 from monai_salm.api import DEFAULTS, protect_tensor, protection_stats, train_salm
 from monai_salm.data import SPLITS, changed_pixel_fraction, from_tensor, load_npz, save_npz, split_arrays, to_tensor
 from monai_salm.engines import load_protection, save_protection
+from monai_salm.evaluation import COUNTERMEASURES, VICTIM_RECIPE
+from monai_salm.networks import CLASSIFIERS
 
 __all__ = ["main", "build_parser"]
 
@@ -93,6 +95,7 @@ def _train(args: argparse.Namespace) -> dict:
         val_labels=None if val is None else val.labels,
         monitor_steps=args.monitor_steps,
         monitor_target=args.monitor_target,
+        robust_to=args.robust_to or None,
     )
     settings = dataclasses.replace(settings, intensity=scaling.to_dict())
     save_protection(
@@ -101,7 +104,8 @@ def _train(args: argparse.Namespace) -> dict:
         trainer.generator,
         trainer.surrogate,
         trainer.class_scores,
-        extra={"train_seconds": trainer.train_seconds, "epochs_run": trainer.state.epoch, "data": str(args.data)},
+        extra={"train_seconds": trainer.train_seconds, "epochs_run": trainer.state.epoch, "data": str(args.data),
+               "robust_to": args.robust_to},
     )
     summary = {
         "checkpoint": str(args.out),
@@ -131,6 +135,8 @@ def _check_npz_scaling(args: argparse.Namespace, settings, dtype: np.dtype) -> N
 def _protect(args: argparse.Namespace) -> dict:
     if Path(args.data).suffix.lower() != ".npz":
         return _protect_files(args)
+    if not 0 < args.fraction <= 1:
+        raise CLIError(f"--fraction must be in (0, 1], got {args.fraction}.")
     if args.resume:
         raise CLIError("--resume applies to a datalist or class folder protected into a folder, not to .npz data.")
     out = Path(args.out)
@@ -159,9 +165,12 @@ def _protect(args: argparse.Namespace) -> dict:
             )
         except ValueError as e:
             raise CLIError(f"{args.data}: {e}") from None
+        keep_clean = _unselected(labels, args.classes, args.fraction, args.seed)
+        protected[keep_clean] = x[keep_clean]
         result[f"{split}_images"] = from_tensor(protected, images)
         stats = protection_stats(images, result[f"{split}_images"], 255.0 if images.dtype == np.uint8 else 1.0)
         stats["changed_pixel_fraction"] = changed_pixel_fraction(images, result[f"{split}_images"])
+        stats["protected_images"] = int((~keep_clean).sum())
         report[split] = stats
     report["protect_seconds"] = round(time.perf_counter() - start, 2)
     save_npz(out, result)
@@ -175,6 +184,21 @@ def _protect(args: argparse.Namespace) -> dict:
     return report
 
 
+def _unselected(labels: np.ndarray, classes: list[int] | None, fraction: float, seed: int) -> torch.Tensor:
+    """Images left clean: those outside ``classes``, and outside a seeded random ``fraction`` of each class."""
+    labels = torch.from_numpy(labels).long()
+    keep = torch.zeros(len(labels), dtype=torch.bool)
+    if classes:
+        keep |= ~torch.isin(labels, torch.as_tensor(classes))
+    if fraction < 1.0:
+        generator = torch.Generator().manual_seed(seed)
+        for c in labels.unique():
+            idx = torch.nonzero(labels == c).flatten()
+            idx = idx[torch.randperm(len(idx), generator=generator)]
+            keep[idx[round(fraction * len(idx)):]] = True
+    return keep
+
+
 def _protect_files(args: argparse.Namespace) -> dict:
     """Protect a class folder or datalist into a folder: same formats and layout, plus manifest.csv."""
     import logging
@@ -183,8 +207,9 @@ def _protect_files(args: argparse.Namespace) -> dict:
     from monai_salm.workflows import protect_files
 
     logging.getLogger("ignite").addHandler(logging.NullHandler())  # errors are reported once, below
-    if args.splits != ["train"]:
-        raise CLIError("--splits applies to .npz data only; a datalist or class folder is protected whole.")
+    if args.splits != ["train"] or args.classes or args.fraction != 1.0:
+        raise CLIError("--splits, --classes and --fraction apply to .npz data only; a datalist or class folder is "
+                       "protected whole.")
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not (args.overwrite or args.resume):
         raise CLIError(f"{out}: output folder is not empty (pass --overwrite to write into it, or --resume to "
@@ -211,29 +236,62 @@ def _protect_files(args: argparse.Namespace) -> dict:
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
-    from monai_salm.evaluation import train_victim
+    from monai_salm.workflows.evaluate import run_evaluation
 
-    train_arrays = load_npz(args.train)
-    test_arrays = load_npz(args.test, require=("test",))
-    xtr, ytr = split_arrays(train_arrays, "train")
-    xte, yte = split_arrays(test_arrays, "test")
-    if xtr.shape[1:] != xte.shape[1:]:
-        raise CLIError(f"{args.train} images {xtr.shape[1:]} and {args.test} images {xte.shape[1:]} differ in shape.")
-    if args.limit:
-        xtr, ytr = xtr[: args.limit], ytr[: args.limit]
-    num_classes = max(_num_classes(train_arrays), _num_classes(test_arrays))
-    report = train_victim(
-        to_tensor(xtr), torch.from_numpy(ytr), to_tensor(xte), torch.from_numpy(yte), num_classes,
-        epochs=args.epochs, network=args.victim, seed=args.seed, device=args.device, progress=not args.quiet,
+    report = run_evaluation(
+        args.train, args.test, args.out, victim=args.victim, epochs=args.epochs, intensity=args.intensity,
+        limit=args.limit or None, countermeasures=args.countermeasure, seed=args.seed, device=args.device,
+        progress=not args.quiet, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, flips=args.flips,
     )
-    report.update({"train_data": str(args.train), "test_data": str(args.test), "train_n": len(xtr)})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    cms = ", ".join(report["countermeasures"]) or "none"
     print(
-        f"victim {args.victim}: accuracy {report['accuracy']:.4f} (best {report['best_accuracy']:.4f}), "
-        f"AUC {report['auc']:.4f} (best {report['best_auc']:.4f}), {report['train_seconds']:.0f} s"
+        f"victim {args.victim} (countermeasures: {cms}): accuracy {report['accuracy']:.4f} "
+        f"(best {report['best_accuracy']:.4f}), AUC {report['auc']:.4f} (best {report['best_auc']:.4f}), "
+        f"{report['train_seconds']:.0f} s; wrote {args.out}/report.json, summary.md, learning_curves.png"
     )
+    return report
+
+
+def _baseline(args: argparse.Namespace) -> dict:
+    from monai_salm.evaluation import error_minimizing_noise, one_pixel_shortcut, uniform_noise_in_mask
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out}: already exists (pass --overwrite to replace it).")
+    if out.resolve() == Path(args.data).resolve():
+        raise CLIError(f"{out}: refusing to overwrite the input file.")
+    arrays = load_npz(args.data)
+    images, labels = split_arrays(arrays, "train")
+    x, y = to_tensor(images), torch.from_numpy(labels).long()
+    num_classes = _num_classes(arrays)
+    start = time.perf_counter()
+    info: dict = {}
+    if args.method == "random-noise":
+        if not args.checkpoint:
+            raise CLIError("--method random-noise needs --checkpoint: the SALM checkpoint whose masks it fills.")
+        settings, generator, surrogate, class_scores = load_protection(args.checkpoint, args.device)
+        _, masks = protect_tensor(x, y, settings, generator, surrogate, class_scores, device=args.device, seed=args.seed)
+        protected = uniform_noise_in_mask(x, masks, args.eps or settings.epsilon, seed=args.seed)
+        info["mask_from"] = str(args.checkpoint)
+    elif args.method == "em":
+        protected, info = error_minimizing_noise(
+            x, y, num_classes, args.eps or DEFAULTS["epsilon"], max_rounds=args.rounds, seed=args.seed,
+            device=args.device, progress=not args.quiet,
+        )
+    else:
+        protected, info = one_pixel_shortcut(x, y, num_classes)
+    seconds = time.perf_counter() - start
+    result = dict(arrays)
+    result["train_images"] = from_tensor(protected, images)
+    stats = protection_stats(images, result["train_images"], 255.0 if images.dtype == np.uint8 else 1.0)
+    stats["changed_pixel_fraction"] = changed_pixel_fraction(images, result["train_images"])
+    save_npz(out, result)
+    report = {"out": str(out), "method": args.method, "protect_seconds": round(seconds, 2), "train": stats,
+              "info": {k: v for k, v in info.items() if k not in ("positions", "values")}}
+    print(f"{args.method}: changed pixels {stats['changed_pixel_fraction']:.4f}, max change "
+          f"{stats['max_abs_change']:.1f}, PSNR {stats['psnr_db']:.2f} dB, {seconds:.1f} s")
+    print(json.dumps(report))
     return report
 
 
@@ -300,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop once the fresh model's clean val accuracy is at or below this")
     p.add_argument("--no-label-conditioning", action="store_true", help="generator without labels")
     p.add_argument("--no-class-pattern", action="store_true", help="one code per class and channel, not a spatial pattern")
+    p.add_argument("--robust-to", default="",
+                   help="train through a preprocess countermeasure (e.g. median, blur, resample, bitdepth:4) applied "
+                        "to half the batches, so the protection survives it")
     p.add_argument("--num-classes", type=int, default=0, help="default: max label + 1")
     p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
     common(p)
@@ -313,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "receives every image in its format and relative layout, plus manifest.csv")
     p.add_argument("--splits", nargs="+", default=["train"], choices=SPLITS,
                    help=".npz only: splits to protect (default: train)")
+    p.add_argument("--classes", type=int, nargs="+", default=None,
+                   help=".npz only: protect only the images of these classes (the others are copied unchanged)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help=".npz only: protect a seeded random fraction of each class's images (default: all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file / use a non-empty folder")
     p.add_argument("--resume", action="store_true",
                    help="datalist / class folder only: complete an interrupted run into --out; copies already there "
@@ -328,15 +393,47 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("evaluate", help="train a fresh victim on --train, test it on the clean test split of --test")
-    p.add_argument("--train", required=True, help=".npz whose train split the victim learns from")
-    p.add_argument("--test", required=True, help="clean .npz whose test split is used")
-    p.add_argument("--victim", default="resnet18")
-    p.add_argument("--epochs", type=int, default=20)
+    p = sub.add_parser(
+        "evaluate",
+        help="unauthorized-training check: train a fresh victim on --train, test it on the clean test split of --test",
+    )
+    p.add_argument("--train", required=True,
+                   help="(protected) data whose training split the victim learns from: .npz (train split), datalist "
+                        ".json ('training' list) or class folder")
+    p.add_argument("--test", required=True,
+                   help="clean data tested on: .npz (test split), datalist .json ('test' list) or class folder (all)")
+    p.add_argument("--out", required=True, help="report folder: report.json, summary.md, learning_curves.png")
+    p.add_argument("--victim", default=VICTIM_RECIPE["network"], choices=CLASSIFIERS, help="victim network")
+    p.add_argument("--epochs", type=int, default=VICTIM_RECIPE["epochs"])
+    p.add_argument("--optimizer", default=VICTIM_RECIPE["optimizer"], choices=("adam", "adamw", "sgd"))
+    p.add_argument("--lr", type=float, default=VICTIM_RECIPE["lr"])
+    p.add_argument("--weight-decay", type=float, default=VICTIM_RECIPE["weight_decay"])
+    p.add_argument("--batch-size", type=int, default=VICTIM_RECIPE["batch_size"])
+    p.add_argument("--no-flips", dest="flips", action="store_false", help="drop the recipe's random flips")
+    p.add_argument("--countermeasure", default="",
+                   help="comma-separated countermeasures the victim applies, NAME or NAME:PARAM: "
+                        + "; ".join(f"{k} ({v})" for k, v in COUNTERMEASURES.items()))
+    p.add_argument("--intensity", default="auto", help="intensity scaling of the training data (see train --help)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
-    p.add_argument("--out", required=True, help="report folder")
     common(p)
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("baseline", help="protect the train split of a .npz with a baseline method, for comparison")
+    p.add_argument("--method", required=True, choices=("random-noise", "em", "ops"),
+                   help="random-noise: uniform noise of the same eps in a SALM checkpoint's masks; em: full-image "
+                        "sample-wise error-minimizing noise (Huang et al. 2021); ops: one-pixel shortcut (Wu et al. "
+                        "2023, model-free, one position per class set to an extreme value). Random-mask SALM is "
+                        "'train --mask-mode random'.")
+    p.add_argument("--data", required=True, help="MedMNIST-format .npz")
+    p.add_argument("--out", required=True, help="output .npz (same keys; train split protected)")
+    p.add_argument("--checkpoint", help="random-noise: the SALM checkpoint whose masks (and eps) are used")
+    p.add_argument("--eps", type=_eps, default=None,
+                   help="L-inf budget (random-noise: default the checkpoint's; em: default the SALM default)")
+    p.add_argument("--rounds", type=int, default=10, help="em: maximum min-min rounds (each: 10 surrogate steps, "
+                                                          "then 10 PGD steps on every image)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    common(p)
+    p.set_defaults(func=_baseline)
     return parser
 
 
@@ -344,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input)."""
     args = build_parser().parse_args(argv)
     _set_threads(args)
-    if hasattr(args, "eps") and not 0 < args.eps <= 1:
+    if getattr(args, "eps", None) is not None and not 0 < args.eps <= 1:
         print(f"monai-salm: error: epsilon must be in (0, 1], got {args.eps}", file=sys.stderr)
         return 2
     try:

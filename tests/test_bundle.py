@@ -243,6 +243,15 @@ def test_documented_commands(tmp_path):
     res = subprocess.run(infer, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert relative_files(out) == sorted(relative_files(data) + ["manifest.csv"])
+    report_dir = tmp_path / "evaluation"
+    evaluate = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "evaluate.json"),
+                "--meta_file", str(META), "--bundle_root", str(bundle), "--dataset_dir", str(out), "--test_dir",
+                str(data), "--output_dir", str(report_dir), "--epochs", "1", "--victim", "vit", "--device", "cpu"]
+    res = subprocess.run(evaluate, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["recipe"]["network"] == "vit" and report["train_data"] == str(out) and len(report["history"]) == 1
+    assert {"summary.md", "learning_curves.png"} <= set(relative_files(report_dir))
 
 
 def test_config_defaults_match_api():

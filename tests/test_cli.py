@@ -127,7 +127,7 @@ def test_3d_train_protect_evaluate(tmp_path):
     assert len(report["history"]) == 1
 
 
-@pytest.mark.parametrize("cmd", [[], ["train"], ["protect"], ["evaluate"]])
+@pytest.mark.parametrize("cmd", [[], ["train"], ["protect"], ["evaluate"], ["baseline"]])
 def test_help_for_every_command(cmd, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*cmd, "--help"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -79,7 +79,12 @@ class SALMTrainer(Trainer):
         min_epochs: do not stop before this many epochs.
         mask_loader: loader over the same dataset in order used to compute masks; by default one is
             built from ``train_data_loader.dataset``.
-        seed: seed of the random-mask ablation.
+        seed: seed of the random-mask ablation and of ``surrogate_view``'s coin.
+        surrogate_view: a countermeasure the protection must survive (e.g. a median filter), applied to the
+            protected batch before the surrogate sees it, in the surrogate and the generator steps, with
+            probability ``view_prob`` per iteration. It should be differentiable, or pass gradients straight
+            through (see :func:`monai_salm.evaluation.countermeasures.differentiable_view`).
+        view_prob: probability of applying ``surrogate_view`` in an iteration.
         train_handlers: MONAI/Ignite handlers to attach.
         kwargs: passed to :class:`monai.engines.Trainer` (``epoch_length``, ``amp``, ...).
 
@@ -108,6 +113,8 @@ class SALMTrainer(Trainer):
         min_epochs: int = 1,
         mask_loader: DataLoader | None = None,
         seed: int = 0,
+        surrogate_view: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        view_prob: float = 0.5,
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
@@ -141,6 +148,9 @@ class SALMTrainer(Trainer):
         self.stop_accuracy = stop_accuracy
         self.min_epochs = int(min_epochs)
         self.seed = int(seed)
+        self.surrogate_view = surrogate_view
+        self.view_prob = float(view_prob)
+        self._view_coin = torch.Generator().manual_seed(self.seed)
         self.mask_loader = mask_loader or DataLoader(
             train_data_loader.dataset, batch_size=getattr(train_data_loader, "batch_size", None) or 64, shuffle=False
         )
@@ -247,11 +257,18 @@ class SALMTrainer(Trainer):
         return self.masks[index.to(self.masks.device)].float()
 
     # -------------------------------------------------------------- iteration
+    def _view(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This iteration's view of the protected batch: ``surrogate_view`` with probability ``view_prob``."""
+        if self.surrogate_view is None or float(torch.rand((), generator=self._view_coin)) >= self.view_prob:
+            return lambda t: t
+        return self.surrogate_view
+
     def _iteration(self, engine: Engine, batchdata: dict) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         x, y, idx = self._unpack(batchdata)
         mask = self.mask_for(idx, y)
+        view = self._view()
 
         # surrogate step: min over f of CE(f(x'), y), noise fixed
         self.generator.train()
@@ -259,7 +276,7 @@ class SALMTrainer(Trainer):
             protected = perturb(x, mask, call_generator(self.generator, x, y), self.epsilon, self.value_range)
         self.surrogate.train()
         self.surrogate_optimizer.zero_grad(set_to_none=True)
-        logits = self.surrogate(protected)
+        logits = self.surrogate(view(protected))
         loss = F.cross_entropy(logits, y)
         loss.backward()
         self.surrogate_optimizer.step()
@@ -274,7 +291,9 @@ class SALMTrainer(Trainer):
             for _ in range(self.generator_steps):
                 self.generator_optimizer.zero_grad(set_to_none=True)
                 raw = call_generator(self.generator, x, y)
-                generator_loss = F.cross_entropy(self.surrogate(perturb(x, mask, raw, self.epsilon, self.value_range)), y)
+                generator_loss = F.cross_entropy(
+                    self.surrogate(view(perturb(x, mask, raw, self.epsilon, self.value_range))), y
+                )
                 generator_loss.backward()
                 self.generator_optimizer.step()
         finally:

@@ -28,7 +28,8 @@ Modules, one job each (every name is also importable from ``monai_salm.workflows
 - :mod:`~monai_salm.workflows.dataset`: :class:`ProtectionDataset`;
 - :mod:`~monai_salm.workflows.saver`: :class:`ProtectedCopySaver`;
 - :mod:`~monai_salm.workflows.protect`: :class:`ProtectInferer`, :func:`protect_evaluator`, :func:`protect_files`;
-- :mod:`~monai_salm.workflows.summary`: :func:`log_checkpoint`, :func:`log_manifest`.
+- :mod:`~monai_salm.workflows.summary`: :func:`log_checkpoint`, :func:`log_manifest`;
+- :mod:`~monai_salm.workflows.evaluate`: :func:`run_evaluation` (``monai-salm evaluate``, ``configs/evaluate.json``).
 
 The SALM math itself lives in :mod:`monai_salm.api`, :mod:`monai_salm.engines` and
 :mod:`monai_salm.transforms.functional`.
@@ -37,6 +38,7 @@ The SALM math itself lives in :mod:`monai_salm.api`, :mod:`monai_salm.engines` a
 from monai_salm.workflows.arrays import TrainingArrays, load_training_arrays
 from monai_salm.workflows.checkpoint import Protection, load_checkpoint
 from monai_salm.workflows.dataset import ProtectionDataset
+from monai_salm.workflows.evaluate import run_evaluation
 from monai_salm.workflows.intensity import parse_intensity, scaling_from_settings
 from monai_salm.workflows.networks import BundleNoiseGenerator, NetworkShape, network_shape
 from monai_salm.workflows.protect import ProtectInferer, protect_evaluator, protect_files
@@ -69,4 +71,5 @@ __all__ = [
     "protect_files",
     "log_checkpoint",
     "log_manifest",
+    "run_evaluation",
 ]

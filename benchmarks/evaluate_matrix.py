@@ -1,0 +1,149 @@
+"""Issue-4 evaluation matrix behind docs/results.md: protections, victims, countermeasures, paper experiments.
+
+Every step is one ``monai-salm`` command (printed before it runs), single-threaded so two runners share 2 cores.
+Outputs go under RUN_DIR/<dataset>/; every victim result is appended to RUN_DIR/results.jsonl, and a step whose
+report already exists is skipped, so the runs resume and several runners can split the stages. Then
+``python benchmarks/evaluate_report.py RUN_DIR`` writes the tables and plots.
+
+    python benchmarks/eval_data.py RUN_DIR                        # evaluation copies of ../shared/data
+    python benchmarks/evaluate_matrix.py RUN_DIR protections      # SALM, random-mask SALM, random noise, EM, OPS
+    python benchmarks/evaluate_matrix.py RUN_DIR main             # method x ResNet-18 victim, every dataset
+    python benchmarks/evaluate_matrix.py RUN_DIR countermeasures  # SALM / EM / random noise x countermeasure
+    python benchmarks/evaluate_matrix.py RUN_DIR architectures    # cross-architecture transfer
+    python benchmarks/evaluate_matrix.py RUN_DIR ksweep           # victim accuracy against k (Figure 4)
+    python benchmarks/evaluate_matrix.py RUN_DIR classes          # protect selected classes only (Figure 3)
+    python benchmarks/evaluate_matrix.py RUN_DIR fraction         # protected + clean combined (Figure 5)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+#: victim epochs per dataset (the recipe is otherwise the default one); breast has only 546 images (4 batches)
+EPOCHS = {"breast": 20, "retina": 10, "pneumonia": 10, "blood": 10, "adrenal": 10}
+DATASETS = tuple(EPOCHS)
+#: SALM training epochs per dataset (the default is 10)
+SALM_EPOCHS = {"adrenal": 8}
+METHODS = ("clean", "salm", "random_noise", "random_mask", "em", "ops")
+COUNTERMEASURE_RUNS = (
+    "flip", "rotate", "crop", "cutout", "mixup", "blur", "median", "bitdepth", "jpeg", "gamma", "intensity",
+    "resample", "adversarial", "rotate,crop,mixup",
+)
+VICTIMS = ("resnet18", "densenet121", "efficientnet-b0", "vit")
+K_SWEEP = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run one command (logged to ``log``), return its wall time; raise if it fails."""
+    print("$ " + shlex.join(cmd), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True)
+    return time.perf_counter() - start
+
+
+def protection(root: Path, ds: str, method: str, extra: tuple[str, ...] = (), tag: str = "") -> Path:
+    """Make (or reuse) the protected copy of ``ds`` by ``method``; records its wall time in ``<name>.time.json``."""
+    d = root / ds
+    data = d / "data.npz"
+    if method == "clean":
+        return data
+    name = tag or method
+    out = d / f"{name}.npz"
+    if out.exists():
+        return out
+    common = ["--threads", "1", "--quiet"]
+    seconds = 0.0
+    if method in ("salm", "random_mask"):
+        ckpt = d / f"{name}.pt"
+        args = ["--epochs", str(SALM_EPOCHS.get(ds, 10)), *(["--mask-mode", "random"] if method == "random_mask" else [])]
+        seconds += run(["monai-salm", "train", "--data", str(data), "--out", str(ckpt), *args, *extra, *common],
+                       d / "logs" / f"{name}_train.log")
+        seconds += run(["monai-salm", "protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out),
+                        "--overwrite", *common], d / "logs" / f"{name}_protect.log")
+    else:
+        base = ["monai-salm", "baseline", "--method", method.replace("_", "-"), "--data", str(data), "--out", str(out)]
+        if method == "random_noise":
+            base += ["--checkpoint", str(protection(root, ds, "salm").with_suffix(".pt"))]
+        seconds += run([*base, *extra, *common], d / "logs" / f"{name}.log")
+    (d / f"{name}.time.json").write_text(json.dumps({"method": method, "protect_seconds": seconds}))
+    return out
+
+
+def victim(root: Path, ds: str, train: Path, name: str, net: str = "resnet18", cms: str = "", epochs: int = 0) -> None:
+    """Train and test one victim unless its report exists; append the result to ``results.jsonl``."""
+    out = root / ds / "victims" / f"{name}__{net}__{cms.replace(',', '+') or 'none'}"
+    if (out / "report.json").exists():
+        return
+    cmd = ["monai-salm", "evaluate", "--train", str(train), "--test", str(root / ds / "data.npz"), "--victim", net,
+           "--epochs", str(epochs or EPOCHS[ds]), "--out", str(out), "--threads", "1", "--quiet"]
+    run([*cmd, *(["--countermeasure", cms] if cms else [])], out.with_suffix(".log"))
+    report = json.loads((out / "report.json").read_text())
+    row = {"dataset": ds, "method": name, "victim": net, "countermeasures": cms or "none",
+           **{k: report[k] for k in ("accuracy", "balanced_accuracy", "auc", "best_accuracy", "best_auc",
+                                     "per_class_accuracy", "train_seconds")},
+           "history": report["history"], "report": str(out / "report.json")}
+    with open(root / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path)
+    parser.add_argument("stage", choices=("protections", "main", "countermeasures", "architectures", "ksweep",
+                                          "classes", "fraction"))
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--victims", nargs="+", default=list(VICTIMS), choices=VICTIMS)
+    parser.add_argument("--countermeasures", nargs="+", default=list(COUNTERMEASURE_RUNS))
+    args = parser.parse_args()
+    root = args.root
+    for ds in args.datasets:
+        if args.stage == "protections":
+            for method in args.methods:
+                protection(root, ds, method)
+        elif args.stage == "main":
+            for method in args.methods:
+                victim(root, ds, protection(root, ds, method), method)
+        elif args.stage == "countermeasures":
+            for cms in args.countermeasures:
+                for method in ("salm", "em", "random_noise"):
+                    if method in args.methods:
+                        victim(root, ds, protection(root, ds, method), method, cms=cms)
+        elif args.stage == "architectures":
+            for net in args.victims:
+                for method in args.methods:
+                    victim(root, ds, protection(root, ds, method), method, net=net)
+        elif args.stage == "ksweep":
+            for k in K_SWEEP:
+                tag = f"salm_k{k:g}"
+                victim(root, ds, protection(root, ds, "salm", ("--k", str(k)), tag=tag), tag)
+        elif args.stage == "classes":
+            ckpt = protection(root, ds, "salm").with_suffix(".pt")
+            out = root / ds / "salm_half_classes.npz"
+            if not out.exists():
+                with __import__("numpy").load(root / ds / "data.npz") as f:
+                    n = int(f["train_labels"].max()) + 1
+                run(["monai-salm", "protect", "--checkpoint", str(ckpt), "--data", str(root / ds / "data.npz"),
+                     "--out", str(out), "--classes", *map(str, range(n // 2)), "--threads", "1", "--quiet"],
+                    root / ds / "logs" / "salm_half_classes.log")
+            victim(root, ds, out, "salm_half_classes")
+        elif args.stage == "fraction":
+            ckpt = protection(root, ds, "salm").with_suffix(".pt")
+            for fraction in (0.2, 0.5, 0.8):
+                out = root / ds / f"salm_fraction{fraction:g}.npz"
+                if not out.exists():
+                    run(["monai-salm", "protect", "--checkpoint", str(ckpt), "--data", str(root / ds / "data.npz"),
+                         "--out", str(out), "--fraction", str(fraction), "--threads", "1", "--quiet"],
+                        root / ds / "logs" / f"salm_fraction{fraction:g}.log")
+                victim(root, ds, out, f"salm_fraction{fraction:g}")
+
+
+if __name__ == "__main__":
+    main()
