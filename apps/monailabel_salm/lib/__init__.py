@@ -1,0 +1,1 @@
+"""Library of the monai-salm MONAI Label app (``apps/monailabel_salm``)."""
