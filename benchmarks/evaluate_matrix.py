@@ -13,6 +13,8 @@ report already exists is skipped, so the runs resume and several runners can spl
     python benchmarks/evaluate_matrix.py RUN_DIR ksweep           # victim accuracy against k (Figure 4)
     python benchmarks/evaluate_matrix.py RUN_DIR classes          # protect selected classes only (Figure 3)
     python benchmarks/evaluate_matrix.py RUN_DIR fraction         # protected + clean combined (Figure 5)
+    python benchmarks/evaluate_matrix.py RUN_DIR robust --robust-to median  # SALM trained through a countermeasure
+    python benchmarks/evaluate_matrix.py RUN_DIR equal_psnr       # EM at eps * sqrt(k): about SALM's PSNR
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ EPOCHS = {"breast": 20, "retina": 10, "pneumonia": 10, "blood": 10, "adrenal": 1
 DATASETS = tuple(EPOCHS)
 #: SALM training epochs per dataset (the default is 10)
 SALM_EPOCHS = {"adrenal": 8}
+#: EM rounds per dataset (the default is at most 10; one 3D round takes ~10 min on one core)
+EM_ROUNDS = {"adrenal": 2}
 METHODS = ("clean", "salm", "random_noise", "random_mask", "em", "ops")
 COUNTERMEASURE_RUNS = (
     "flip", "rotate", "crop", "cutout", "mixup", "blur", "median", "bitdepth", "jpeg", "gamma", "intensity",
@@ -71,6 +75,8 @@ def protection(root: Path, ds: str, method: str, extra: tuple[str, ...] = (), ta
         base = ["monai-salm", "baseline", "--method", method.replace("_", "-"), "--data", str(data), "--out", str(out)]
         if method == "random_noise":
             base += ["--checkpoint", str(protection(root, ds, "salm").with_suffix(".pt"))]
+        if method == "em" and ds in EM_ROUNDS:
+            base += ["--rounds", str(EM_ROUNDS[ds])]
         seconds += run([*base, *extra, *common], d / "logs" / f"{name}.log")
     (d / f"{name}.time.json").write_text(json.dumps({"method": method, "protect_seconds": seconds}))
     return out
@@ -97,11 +103,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path)
     parser.add_argument("stage", choices=("protections", "main", "countermeasures", "architectures", "ksweep",
-                                          "classes", "fraction"))
+                                          "classes", "fraction", "robust", "equal_psnr"))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--victims", nargs="+", default=list(VICTIMS), choices=VICTIMS)
     parser.add_argument("--countermeasures", nargs="+", default=list(COUNTERMEASURE_RUNS))
+    parser.add_argument("--robust-to", default="median", help="robust stage: the countermeasure SALM trains through")
     args = parser.parse_args()
     root = args.root
     for ds in args.datasets:
@@ -134,6 +141,15 @@ def main() -> None:
                      "--out", str(out), "--classes", *map(str, range(n // 2)), "--threads", "1", "--quiet"],
                     root / ds / "logs" / "salm_half_classes.log")
             victim(root, ds, out, "salm_half_classes")
+        elif args.stage == "robust":
+            protected = protection(root, ds, "salm", ("--robust-to", args.robust_to), tag="salm_robust")
+            for cms in ("", args.robust_to, *args.countermeasures):
+                victim(root, ds, protected, "salm_robust", cms=cms)
+        elif args.stage == "equal_psnr":
+            # SALM changes a fraction k of the pixels by up to eps, full-image EM every pixel: EM's squared error
+            # matches SALM's at eps * sqrt(k) (defaults: 28/255 * sqrt(0.05) = 6.3/255)
+            eps = f"{28 * 0.05 ** 0.5:.2f}/255"
+            victim(root, ds, protection(root, ds, "em", ("--eps", eps), tag="em_equal_psnr"), "em_equal_psnr")
         elif args.stage == "fraction":
             ckpt = protection(root, ds, "salm").with_suffix(".pt")
             for fraction in (0.2, 0.5, 0.8):

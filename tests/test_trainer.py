@@ -141,3 +141,28 @@ def test_fresh_model_monitor_records_and_stops():
     trainer.run()
     assert trainer.state.epoch == 1
     assert len(monitor.history) == 1 and 0.0 <= trainer.state.metrics["fresh_clean_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("view_prob, expected", [(1.0, 8), (0.0, 0)])
+def test_surrogate_view_applied_in_both_steps(view_prob, expected):
+    """``surrogate_view`` sees the protected batch in the surrogate and the generator step, with its probability."""
+    x, y = _data()
+    seen = []
+
+    def view(batch):
+        seen.append(batch.requires_grad)
+        return batch.flip(-1)
+
+    trainer = _trainer(x, y, max_epochs=1, surrogate_view=view, view_prob=view_prob)
+    trainer.run()
+    assert len(seen) == expected  # 4 iterations x (surrogate step + 1 generator step)
+    assert seen.count(True) == expected // 2  # the generator step differentiates through the view
+
+
+def test_train_salm_robust_to_median():
+    x, y = _data(n=16)
+    trainer, _ = train_salm(x, y, 2, epochs=1, warmup_epochs=0, batch_size=8, surrogate=TinyClassifier(2, 1, 2),
+                            generator_kwargs={"channels": (4, 8, 16)}, robust_to="median")
+    assert trainer.surrogate_view is not None and trainer.state.epoch == 1
+    with pytest.raises(ValueError, match="preprocess"):
+        train_salm(x, y, 2, epochs=1, surrogate=TinyClassifier(2, 1, 2), robust_to="mixup")

@@ -28,6 +28,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def markdown_table(rows: Sequence[Mapping], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
     """Render ``rows`` as a GitHub markdown table; floats get 3 decimals, missing cells a dash.
 
@@ -105,11 +113,7 @@ def plot_learning_curves(
         ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance")
     ax.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02), title=title)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_sweep(
@@ -134,11 +138,7 @@ def plot_sweep(
         ax.plot(xs, ys, marker="o", label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_image_grid(
@@ -178,11 +178,7 @@ def plot_image_grid(
                 ax.set_title(name, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_report(report: Mapping, out_dir: str | Path) -> dict[str, Path]:
