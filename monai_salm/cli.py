@@ -270,7 +270,11 @@ def _baseline(args: argparse.Namespace) -> dict:
     if args.method == "random-noise":
         if not args.checkpoint:
             raise CLIError("--method random-noise needs --checkpoint: the SALM checkpoint whose masks it fills.")
-        settings, generator, surrogate, class_scores = load_protection(args.checkpoint, args.device)
+        try:
+            settings, generator, surrogate, class_scores = load_protection(args.checkpoint, args.device)
+        except (ValueError, FileNotFoundError) as e:
+            raise CLIError(str(e)) from None
+        _check_npz_scaling(args, settings, images.dtype)
         _, masks = protect_tensor(x, y, settings, generator, surrogate, class_scores, device=args.device, seed=args.seed)
         protected = uniform_noise_in_mask(x, masks, args.eps or settings.epsilon, seed=args.seed)
         info["mask_from"] = str(args.checkpoint)
