@@ -15,6 +15,7 @@ report already exists is skipped, so the runs resume and several runners can spl
     python benchmarks/evaluate_matrix.py RUN_DIR fraction         # protected + clean combined (Figure 5)
     python benchmarks/evaluate_matrix.py RUN_DIR robust --robust-to median  # SALM trained through a countermeasure
     python benchmarks/evaluate_matrix.py RUN_DIR equal_psnr       # EM at eps * sqrt(k): about SALM's PSNR
+    python benchmarks/evaluate_matrix.py RUN_DIR dense --countermeasures median blur  # k=0.2 against them
 """
 
 from __future__ import annotations
@@ -103,11 +104,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path)
     parser.add_argument("stage", choices=("protections", "main", "countermeasures", "architectures", "ksweep",
-                                          "classes", "fraction", "robust", "equal_psnr"))
+                                          "classes", "fraction", "robust", "equal_psnr", "dense"))
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--victims", nargs="+", default=list(VICTIMS), choices=VICTIMS)
     parser.add_argument("--countermeasures", nargs="+", default=list(COUNTERMEASURE_RUNS))
+    parser.add_argument("--protected", nargs="+", default=["salm", "em", "random_noise"],
+                        help="countermeasures stage: the protected copies to attack")
     parser.add_argument("--robust-to", default="median", help="robust stage: the countermeasure SALM trains through")
     args = parser.parse_args()
     root = args.root
@@ -120,9 +123,9 @@ def main() -> None:
                 victim(root, ds, protection(root, ds, method), method)
         elif args.stage == "countermeasures":
             for cms in args.countermeasures:
-                for method in ("salm", "em", "random_noise"):
-                    if method in args.methods:
-                        victim(root, ds, protection(root, ds, method), method, cms=cms)
+                for name in args.protected:  # a method, or a copy an earlier stage made (e.g. salm_k0.2)
+                    train = protection(root, ds, name) if name in METHODS else root / ds / f"{name}.npz"
+                    victim(root, ds, train, name, cms=cms)
         elif args.stage == "architectures":
             for net in args.victims:
                 for method in args.methods:
@@ -150,6 +153,13 @@ def main() -> None:
             # matches SALM's at eps * sqrt(k) (defaults: 28/255 * sqrt(0.05) = 6.3/255)
             eps = f"{28 * 0.05 ** 0.5:.2f}/255"
             victim(root, ds, protection(root, ds, "em", ("--eps", eps), tag="em_equal_psnr"), "em_equal_psnr")
+        elif args.stage == "dense":
+            # denser masks against the filters that undo the default: k=0.2 at the default eps, and at the eps
+            # whose PSNR is about the default's (28/255 * sqrt(0.05 / 0.2) = 14/255)
+            for eps, tag in (("28/255", "salm_k0.2"), ("14/255", "salm_k0.2_eps14")):
+                protected = protection(root, ds, "salm", ("--k", "0.2", "--eps", eps), tag=tag)
+                for cms in ("", *args.countermeasures):
+                    victim(root, ds, protected, tag, cms=cms)
         elif args.stage == "fraction":
             ckpt = protection(root, ds, "salm").with_suffix(".pt")
             for fraction in (0.2, 0.5, 0.8):

@@ -28,6 +28,9 @@ NAMES = {
     "em": "full-image EM",
     "em_equal_psnr": "full-image EM at SALM's PSNR (eps 6.3/255)",
     "ops": "one-pixel shortcut (OPS)",
+    "salm_k0.2": "SALM k=0.2",
+    "salm_k0.2_eps14": "SALM k=0.2, eps=14/255",
+    "salm_robust": "SALM trained through median",
 }
 TITLES = {"breast": "BreastMNIST", "retina": "RetinaMNIST", "pneumonia": "PneumoniaMNIST (trimmed train)",
           "blood": "BloodMNIST", "adrenal": "AdrenalMNIST3D"}
@@ -117,7 +120,7 @@ def main() -> None:
     if cms:
         out.append("\n### Countermeasures (ResNet-18 victim)\n")
         for ds in datasets:
-            methods = [m for m in ("salm", "salm_robust", "em", "random_noise")
+            methods = [m for m in ("salm", "salm_robust", "salm_k0.2", "salm_k0.2_eps14", "em", "random_noise")
                        if any(index.get((ds, m, "resnet18", c)) for c in cms)]
             if not methods:
                 continue
@@ -133,7 +136,8 @@ def main() -> None:
     sweep = {}
     for ds in datasets:
         pts = [(float(r["method"].split("_k")[1]), r) for r in results
-               if r["dataset"] == ds and r["method"].startswith("salm_k") and r["countermeasures"] == "none"]
+               if r["dataset"] == ds and r["method"].startswith("salm_k") and "_eps" not in r["method"]
+               and r["countermeasures"] == "none"]
         if pts:
             sweep[ds] = sorted(pts, key=lambda t: t[0])
     if sweep:

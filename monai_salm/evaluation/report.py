@@ -102,7 +102,7 @@ def plot_learning_curves(
         the PNG path.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     for i, (label, history) in enumerate(histories.items()):
         color = f"C{i}"
         epochs = [h["epoch"] for h in history]
@@ -112,7 +112,7 @@ def plot_learning_curves(
     if chance is not None:
         ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance")
     ax.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02), title=title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(plt, fig, path)
 
 
