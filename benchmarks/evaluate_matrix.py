@@ -27,6 +27,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
+
 #: victim epochs per dataset (the recipe is otherwise the default one); breast has only 546 images (4 batches)
 EPOCHS = {"breast": 20, "retina": 10, "pneumonia": 10, "blood": 10, "adrenal": 10}
 DATASETS = tuple(EPOCHS)
@@ -138,7 +140,7 @@ def main() -> None:
             ckpt = protection(root, ds, "salm").with_suffix(".pt")
             out = root / ds / "salm_half_classes.npz"
             if not out.exists():
-                with __import__("numpy").load(root / ds / "data.npz") as f:
+                with np.load(root / ds / "data.npz") as f:
                     n = int(f["train_labels"].max()) + 1
                 run(["monai-salm", "protect", "--checkpoint", str(ckpt), "--data", str(root / ds / "data.npz"),
                      "--out", str(out), "--classes", *map(str, range(n // 2)), "--threads", "1", "--quiet"],

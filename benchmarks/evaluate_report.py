@@ -9,6 +9,7 @@ DOCS/results.md between the ``<!-- evaluation:begin -->`` / ``<!-- evaluation:en
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -45,12 +46,18 @@ def load_results(root: Path) -> list[dict]:
     return list(rows.values())
 
 
+@functools.cache
+def train_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The train images and labels of an ``.npz``, read once per file."""
+    return split_arrays(load_npz(path), "train")
+
+
 def protection_row(root: Path, ds: str, name: str) -> dict:
     """PSNR, changed fraction and wall time of one protected copy against the clean data."""
     if name == "clean":
         return {}
-    clean, _ = split_arrays(load_npz(root / ds / "data.npz"), "train")
-    prot, _ = split_arrays(load_npz(root / ds / f"{name}.npz"), "train")
+    clean, _ = train_split(root / ds / "data.npz")
+    prot, _ = train_split(root / ds / f"{name}.npz")
     stats = protection_stats(clean, prot, 255.0)
     timing = root / ds / f"{name}.time.json"
     seconds = json.loads(timing.read_text())["protect_seconds"] if timing.exists() else None
@@ -182,7 +189,7 @@ def main() -> None:
         ckpt = root / ds / "salm.pt"
         if ckpt.exists():
             settings, generator, surrogate, scores = load_protection(ckpt)
-            clean, labels = split_arrays(load_npz(root / ds / "data.npz"), "train")
+            clean, labels = train_split(root / ds / "data.npz")
             pick = [int(np.flatnonzero(labels == c)[0]) for c in range(min(info[ds]["classes"], 4))]
             x = to_tensor(clean[pick])
             protected, masks = protect_tensor(x, torch.from_numpy(labels[pick]).long(), settings, generator,

@@ -132,6 +132,23 @@ def _check_npz_scaling(args: argparse.Namespace, settings, dtype: np.dtype) -> N
         )
 
 
+def _npz_output(args: argparse.Namespace) -> Path:
+    """The ``--out`` file of a ``.npz`` release, refused if it exists (without ``--overwrite``) or is the input."""
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out}: already exists (pass --overwrite to replace it).")
+    if out.resolve() == Path(args.data).resolve():
+        raise CLIError(f"{out}: refusing to overwrite the input file.")
+    return out
+
+
+def _release_stats(clean: np.ndarray, protected: np.ndarray) -> dict:
+    """PSNR, maximum change and changed-pixel fraction of a released split (uint8: 0-255, float: 0-1)."""
+    stats = protection_stats(clean, protected, 255.0 if clean.dtype == np.uint8 else 1.0)
+    stats["changed_pixel_fraction"] = changed_pixel_fraction(clean, protected)
+    return stats
+
+
 def _protect(args: argparse.Namespace) -> dict:
     if Path(args.data).suffix.lower() != ".npz":
         return _protect_files(args)
@@ -139,11 +156,7 @@ def _protect(args: argparse.Namespace) -> dict:
         raise CLIError(f"--fraction must be in (0, 1], got {args.fraction}.")
     if args.resume:
         raise CLIError("--resume applies to a datalist or class folder protected into a folder, not to .npz data.")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CLIError(f"{out}: already exists (pass --overwrite to replace it).")
-    if out.resolve() == Path(args.data).resolve():
-        raise CLIError(f"{out}: refusing to overwrite the input file.")
+    out = _npz_output(args)
     try:
         settings, generator, surrogate, class_scores = load_protection(args.checkpoint, args.device)
     except (ValueError, FileNotFoundError) as e:
@@ -168,8 +181,7 @@ def _protect(args: argparse.Namespace) -> dict:
         keep_clean = _unselected(labels, args.classes, args.fraction, args.seed)
         protected[keep_clean] = x[keep_clean]
         result[f"{split}_images"] = from_tensor(protected, images)
-        stats = protection_stats(images, result[f"{split}_images"], 255.0 if images.dtype == np.uint8 else 1.0)
-        stats["changed_pixel_fraction"] = changed_pixel_fraction(images, result[f"{split}_images"])
+        stats = _release_stats(images, result[f"{split}_images"])
         stats["protected_images"] = int((~keep_clean).sum())
         report[split] = stats
     report["protect_seconds"] = round(time.perf_counter() - start, 2)
@@ -256,11 +268,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
 def _baseline(args: argparse.Namespace) -> dict:
     from monai_salm.evaluation import error_minimizing_noise, one_pixel_shortcut, uniform_noise_in_mask
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CLIError(f"{out}: already exists (pass --overwrite to replace it).")
-    if out.resolve() == Path(args.data).resolve():
-        raise CLIError(f"{out}: refusing to overwrite the input file.")
+    out = _npz_output(args)
     arrays = load_npz(args.data)
     images, labels = split_arrays(arrays, "train")
     x, y = to_tensor(images), torch.from_numpy(labels).long()
@@ -288,8 +296,7 @@ def _baseline(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     result = dict(arrays)
     result["train_images"] = from_tensor(protected, images)
-    stats = protection_stats(images, result["train_images"], 255.0 if images.dtype == np.uint8 else 1.0)
-    stats["changed_pixel_fraction"] = changed_pixel_fraction(images, result["train_images"])
+    stats = _release_stats(images, result["train_images"])
     save_npz(out, result)
     report = {"out": str(out), "method": args.method, "protect_seconds": round(seconds, 2), "train": stats,
               "info": {k: v for k, v in info.items() if k not in ("positions", "values")}}

@@ -15,7 +15,13 @@ from monai.handlers import from_engine
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
-from monai_salm.transforms.functional import call_generator, perturb, saliency_scores, topk_mask
+from monai_salm.transforms.functional import (
+    call_generator,
+    perturb,
+    recalibrate_batchnorm,
+    saliency_scores,
+    topk_mask,
+)
 
 __all__ = ["SALMTrainer", "MASK_MODES", "INDEX_KEY", "flip_average"]
 
@@ -190,24 +196,9 @@ class SALMTrainer(Trainer):
         y = batch[Keys.LABEL].to(self.state.device, non_blocking=self.non_blocking).long().reshape(-1)
         return x, y, batch[INDEX_KEY].long().reshape(-1)
 
-    @torch.no_grad()
     def _recalibrate_batchnorm(self) -> None:
-        """Re-estimate batch-norm running statistics on clean images (cumulative average)."""
-        bns = [m for m in self.surrogate.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        if not bns:
-            return
-        was_training = self.surrogate.training
-        momenta = [m.momentum for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        self.surrogate.train()
-        for batch in self.mask_loader:
-            x, _, _ = self._unpack(batch)
-            self.surrogate(x)
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-        self.surrogate.train(was_training)
+        """Re-estimate the surrogate's batch-norm running statistics on clean images."""
+        recalibrate_batchnorm(self.surrogate, (self._unpack(batch)[0] for batch in self.mask_loader))
 
     def refresh_masks(self) -> None:
         """Recompute every sample's mask (or the class masks) from the current surrogate."""

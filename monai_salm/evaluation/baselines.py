@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from monai_salm.networks import build_classifier
+from monai_salm.transforms.functional import recalibrate_batchnorm
 
 __all__ = ["error_minimizing_noise", "one_pixel_shortcut", "uniform_noise_in_mask"]
 
@@ -148,27 +149,6 @@ def _slices(num: int, batch_size: int) -> list[slice]:
     if len(starts) > 1 and num - starts[-1] == 1:
         starts.pop()
     return [slice(a, b) for a, b in zip(starts, starts[1:] + [num])]
-
-
-def _batchnorms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def _recalibrate_batchnorm(model, images, delta, batch_size, device) -> None:
-    """Re-estimate batch-norm running statistics on ``images + delta`` (cumulative average, train mode)."""
-    bns = [m for m in _batchnorms(model) if m.track_running_stats]
-    if not bns:
-        return
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for sl in _slices(len(images), batch_size):
-        model((images[sl] + delta[sl]).clamp(0.0, 1.0).to(device))
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
 
 
 @torch.no_grad()
@@ -305,7 +285,8 @@ def error_minimizing_noise(
             F.cross_entropy(model(xb), labels[idx].to(device)).backward()
             optimizer.step()
         if recalibrate_bn:
-            _recalibrate_batchnorm(model, x, delta, batch_size, device)
+            perturbed = ((x[sl] + delta[sl]).clamp(0.0, 1.0).to(device) for sl in _slices(len(x), batch_size))
+            recalibrate_batchnorm(model, perturbed)
         # 2) sample-wise PGD that minimises the loss, eval mode, parameters frozen
         model.eval()
         for p in model.parameters():

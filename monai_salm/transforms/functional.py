@@ -7,7 +7,7 @@ transforms run exactly the same code.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ __all__ = [
     "perturb",
     "call_generator",
     "preserve_model_state",
+    "recalibrate_batchnorm",
 ]
 
 
@@ -72,6 +73,32 @@ class preserve_model_state:
         for p, flag in self.requires_grad:
             p.requires_grad_(flag)
         return False
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Re-estimate a model's batch-norm running statistics on ``batches`` (cumulative average).
+
+    Running statistics are reset and recomputed in train mode over every batch, then momenta and the model's
+    train/eval flags are restored.
+
+    Args:
+        model: the network.
+        batches: input batches, already on the model's device.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    with preserve_model_state(model):
+        model.train()
+        for x in batches:
+            model(x)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
 
 
 def saliency_scores(

@@ -31,6 +31,7 @@ from monai_salm import __version__ as monai_salm_version
 from monai_salm.api import protect_tensor
 from monai_salm.io import detect_format, read_image, write_image
 from monai_salm.io.utils import full_suffix
+from monai_salm.transforms.functional import preserve_model_state
 from monai_salm.workflows import Protection, load_checkpoint
 
 __all__ = ["SUPPORTED_FORMATS", "ProtectionResult", "SALMProtector", "parse_class_index"]
@@ -180,14 +181,8 @@ class SALMProtector:
                     f"class_index {class_index} is outside the checkpoint's classes 0..{num_classes - 1}."
                 )
             return int(class_index), "request"
-        surrogate = self.protection.surrogate
-        was_training = surrogate.training
-        surrogate.eval()
-        try:
-            with torch.no_grad():
-                logits = surrogate(unit.to(self.device))
-        finally:
-            surrogate.train(was_training)
+        with preserve_model_state(self.protection.surrogate) as surrogate, torch.no_grad():
+            logits = surrogate.eval()(unit.to(self.device))
         return int(logits.argmax(dim=1)[0]), "surrogate"
 
     def protect_file(
