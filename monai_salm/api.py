@@ -25,8 +25,10 @@ __all__ = ["DEFAULTS", "make_dataset", "train_salm", "protect_tensor", "protecti
 DEFAULTS: dict[str, Any] = {
     "k": 0.05,
     "epsilon": 28 / 255,
+    "psnr": 32.0,
     "mask_mode": "class",
     "flip_symmetric": True,
+    "block": 1,
     "label_conditioned": True,
     "class_pattern": True,
     "mask_refresh": 1,
@@ -55,6 +57,7 @@ def train_salm(
     epsilon: float = DEFAULTS["epsilon"],
     mask_mode: str = DEFAULTS["mask_mode"],
     flip_symmetric: bool = DEFAULTS["flip_symmetric"],
+    block: int = DEFAULTS["block"],
     label_conditioned: bool = DEFAULTS["label_conditioned"],
     class_pattern: bool = DEFAULTS["class_pattern"],
     mask_refresh: int = DEFAULTS["mask_refresh"],
@@ -84,6 +87,8 @@ def train_salm(
         labels: ``(N,)`` class indices.
         num_classes: number of classes.
         epochs .. generator_lr: see :class:`monai_salm.engines.SALMTrainer` and :data:`DEFAULTS`.
+        block: side of the solid cells, in pixels/voxels, that make up the class masks and the class pattern
+            (``SALMTrainer(mask_block=...)``, ``NoiseGenerator(pattern_cell=...)``); 1 is single positions.
         class_pattern: give a label-conditioned generator a learnable per-class spatial pattern of the
             training image size (``NoiseGenerator(pattern_size=...)``) instead of one code per channel.
         stop_accuracy: stop when the surrogate's protected accuracy reaches it (None: run all epochs).
@@ -110,6 +115,8 @@ def train_salm(
     generator_kwargs = dict(generator_kwargs or {})
     if class_pattern and label_conditioned:
         generator_kwargs.setdefault("pattern_size", list(images.shape[2:]))
+        if block > 1:
+            generator_kwargs.setdefault("pattern_cell", int(block))
     generator = NoiseGenerator(spatial_dims, in_channels, num_classes if label_conditioned else 0, **generator_kwargs)
     net = build_classifier(surrogate, spatial_dims, in_channels, num_classes)
     dataset = make_dataset(images, labels)
@@ -127,6 +134,7 @@ def train_salm(
         value_range=value_range,
         mask_mode=mask_mode,
         flip_symmetric=flip_symmetric,
+        mask_block=block,
         mask_refresh=mask_refresh,
         generator_steps=generator_steps,
         warmup_epochs=warmup_epochs,

@@ -15,7 +15,7 @@ import torch
 from monai_salm.api import DEFAULTS, protect_tensor, protection_stats, train_salm
 from monai_salm.data import SPLITS, changed_pixel_fraction, from_tensor, load_npz, save_npz, split_arrays, to_tensor
 from monai_salm.engines import load_protection, save_protection
-from monai_salm.evaluation import COUNTERMEASURES, VICTIM_RECIPE
+from monai_salm.evaluation import COUNTERMEASURES, RECIPES
 from monai_salm.networks import CLASSIFIERS
 
 __all__ = ["main", "build_parser"]
@@ -54,10 +54,11 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> dict:
-    from monai_salm.workflows import has_validation, load_training_arrays
+    from monai_salm.workflows import has_validation, load_training_arrays, resolve_epsilon
 
     data = load_training_arrays(args.data, args.intensity, ("training",), limit=args.limit or None)
     x, labels = data.images, data.labels
+    args.eps = resolve_epsilon(args.eps, args.psnr, args.k, x.shape[2:], data.scaling)
     val = None
     if args.monitor_steps:
         if not has_validation(args.data):
@@ -81,6 +82,7 @@ def _train(args: argparse.Namespace) -> dict:
         k=args.k,
         epsilon=args.eps,
         mask_mode=args.mask_mode,
+        block=args.block,
         label_conditioned=not args.no_label_conditioning,
         class_pattern=not args.no_class_pattern,
         mask_refresh=args.mask_refresh,
@@ -162,6 +164,8 @@ def _protect(args: argparse.Namespace) -> dict:
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     arrays = load_npz(args.data, require=())
+    if args.splits is None:
+        args.splits = [split for split in SPLITS if f"{split}_images" in arrays]
     result = dict(arrays)
     report = {}
     start = time.perf_counter()
@@ -219,7 +223,7 @@ def _protect_files(args: argparse.Namespace) -> dict:
     from monai_salm.workflows import protect_files
 
     logging.getLogger("ignite").addHandler(logging.NullHandler())  # errors are reported once, below
-    if args.splits != ["train"] or args.classes or args.fraction != 1.0:
+    if args.splits is not None or args.classes or args.fraction != 1.0:
         raise CLIError("--splits, --classes and --fraction apply to .npz data only; a datalist or class folder is "
                        "protected whole.")
     out = Path(args.out)
@@ -253,15 +257,21 @@ def _evaluate(args: argparse.Namespace) -> dict:
     report = run_evaluation(
         args.train, args.test, args.out, victim=args.victim, epochs=args.epochs, intensity=args.intensity,
         limit=args.limit or None, countermeasures=args.countermeasure, seed=args.seed, device=args.device,
-        progress=not args.quiet, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-        batch_size=args.batch_size, flips=args.flips,
+        progress=not args.quiet, recipe=args.recipe, val_from=args.val_from, reader_data=args.reader_data,
+        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        flips=args.flips, shift=args.shift, schedule=args.schedule,
     )
     cms = ", ".join(report["countermeasures"]) or "none"
-    print(
-        f"victim {args.victim} (countermeasures: {cms}): accuracy {report['accuracy']:.4f} "
-        f"(best {report['best_accuracy']:.4f}), AUC {report['auc']:.4f} (best {report['best_auc']:.4f}), "
-        f"{report['train_seconds']:.0f} s; wrote {args.out}/report.json, summary.md, learning_curves.png"
-    )
+    recipe = report["recipe"]
+    line = f"victim {recipe['network']} ({recipe['name']} recipe, {recipe['epochs']} epochs; countermeasures: {cms}): "
+    if "selected" in report:
+        line += (f"selected epoch {report['selected_epoch']} (on {report['selected_by']}): accuracy "
+                 f"{report['selected_accuracy']:.4f}, AUC {report['selected_auc']:.4f}; ")
+    line += (f"final accuracy {report['accuracy']:.4f}, AUC {report['auc']:.4f}; peak accuracy "
+             f"{report['best_accuracy']:.4f}, AUC {report['best_auc']:.4f}; {report['train_seconds']:.0f} s")
+    for path, r in report.get("reader", {}).items():
+        line += f"; reader accuracy clean {r['clean_accuracy']:.4f}, {path} {r['protected_accuracy']:.4f}"
+    print(f"{line}; wrote {args.out}/report.json, summary.md, learning_curves.png")
     return report
 
 
@@ -356,8 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint to write")
     p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="maximum min-min epochs")
     p.add_argument("--k", type=_k, default=DEFAULTS["k"], help="fraction (0,1] or count of positions to perturb")
-    p.add_argument("--eps", type=_eps, default=DEFAULTS["epsilon"], help="L-inf budget in [0,1] units, e.g. 20/255")
+    p.add_argument("--eps", type=_eps, default=None,
+                   help="L-inf budget in [0,1] units, e.g. 20/255 (default: the one that meets --psnr)")
+    p.add_argument("--psnr", type=float, default=DEFAULTS["psnr"],
+                   help="target PSNR of the release in dB: epsilon is chosen for --k so that every release has at "
+                        f"least this PSNR (default {DEFAULTS['psnr']:g}; ignored when --eps is given)")
     p.add_argument("--mask-mode", choices=("sample", "class", "random"), default=DEFAULTS["mask_mode"], help="mask kind")
+    p.add_argument("--block", type=int, default=DEFAULTS["block"],
+                   help="class mode: side in pixels/voxels of the solid cells making up the class masks and patterns "
+                        "(1: single positions; cells of 3+ survive median filters, blur and resampling)")
     p.add_argument("--mask-refresh", type=int, default=DEFAULTS["mask_refresh"], help="recompute masks every N epochs")
     p.add_argument("--warmup-epochs", type=int, default=DEFAULTS["warmup_epochs"], help="clean surrogate warm-up")
     p.add_argument("--generator-steps", type=int, default=DEFAULTS["generator_steps"], help="generator steps per batch")
@@ -383,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="output .npz for .npz data (same keys, dtypes and shapes); otherwise an output folder that "
                         "receives every image in its format and relative layout, plus manifest.csv")
-    p.add_argument("--splits", nargs="+", default=["train"], choices=SPLITS,
-                   help=".npz only: splits to protect (default: train)")
+    p.add_argument("--splits", nargs="+", default=None, choices=SPLITS,
+                   help=".npz only: splits to protect (default: every split in the file, the whole release; "
+                        "'--splits train' keeps val/test clean, e.g. to evaluate against a clean test split)")
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help=".npz only: protect only the images of these classes (the others are copied unchanged)")
     p.add_argument("--fraction", type=float, default=1.0,
@@ -414,13 +432,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", required=True,
                    help="clean data tested on: .npz (test split), datalist .json ('test' list) or class folder (all)")
     p.add_argument("--out", required=True, help="report folder: report.json, summary.md, learning_curves.png")
-    p.add_argument("--victim", default=VICTIM_RECIPE["network"], choices=CLASSIFIERS, help="victim network")
-    p.add_argument("--epochs", type=int, default=VICTIM_RECIPE["epochs"])
-    p.add_argument("--optimizer", default=VICTIM_RECIPE["optimizer"], choices=("adam", "adamw", "sgd"))
-    p.add_argument("--lr", type=float, default=VICTIM_RECIPE["lr"])
-    p.add_argument("--weight-decay", type=float, default=VICTIM_RECIPE["weight_decay"])
-    p.add_argument("--batch-size", type=int, default=VICTIM_RECIPE["batch_size"])
-    p.add_argument("--no-flips", dest="flips", action="store_false", help="drop the recipe's random flips")
+    p.add_argument("--recipe", default="competent", choices=tuple(RECIPES),
+                   help="victim recipe: competent (default; MedMNIST v2 ResNet protocol with flips and shifts, "
+                        "budget capped at 4000 steps, epoch selected on validation AUC) or quick (20 epochs, cosine)")
+    p.add_argument("--victim", default=None, choices=CLASSIFIERS, help="victim network (default: resnet18)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's budget for this data size")
+    p.add_argument("--optimizer", default=None, choices=("adam", "adamw", "sgd"))
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (competent: 128 2D, 32 3D)")
+    p.add_argument("--schedule", default=None, choices=("multistep", "cosine", "constant"))
+    p.add_argument("--shift", type=int, default=None, help="random shifts of up to N pixels/voxels (competent: 2)")
+    p.add_argument("--no-flips", dest="flips", action="store_const", const=False, default=None,
+                   help="drop the recipe's random flips")
+    p.add_argument("--val-from", default="both", choices=("both", "protected", "clean", "none"),
+                   help="validation sets the attacker selects its epoch on: the release's val split (protected), "
+                        "the clean --test file's val split (clean), both (default; the headline is the better for "
+                        "the attacker) or none")
+    p.add_argument("--reader-data", nargs="+", default=None,
+                   help="protected copies of --test: the selected model also reads their test splits, and the report "
+                        "compares its accuracy on each with the clean one (use with a victim trained on clean data)")
     p.add_argument("--countermeasure", default="",
                    help="comma-separated countermeasures the victim applies, NAME or NAME:PARAM: "
                         + "; ".join(f"{k} ({v})" for k, v in COUNTERMEASURES.items()))

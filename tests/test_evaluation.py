@@ -166,7 +166,10 @@ def test_evaluate_cli_class_folders(tmp_path):
     assert main(["evaluate", "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--epochs", "1",
                  "--victim", "efficientnet-b0", "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["train_n"] == 12 and report["test_n"] == 12 and report["recipe"]["network"] == "efficientnet-b0"
+    # no validation split in a class folder: the attacker holds out a stratified 10% (one image per class here)
+    assert report["train_n"] == 10 and report["validation"] == {"protected_val": 2}
+    assert report["test_n"] == 12 and report["recipe"]["network"] == "efficientnet-b0"
+    assert report["selected_by"] == "protected_val" and report["selected_epoch"] == 1
 
 
 def test_evaluate_cli_bad_countermeasure(tiny_npz, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from monai.transforms import Compose
 from monai_salm.io.utils import atomic_path
 from monai_salm.networks import NoiseGenerator, build_classifier
 from monai_salm.transforms import ApplyUnlearnableNoised, SaliencyMaskd
+from monai_salm.transforms.functional import epsilon_for_psnr
 
 __all__ = ["SALMSettings", "save_protection", "load_protection", "protection_transforms", "CHECKPOINT_FORMAT"]
 
@@ -122,12 +124,30 @@ def protection_transforms(
     label_key: str = "label",
     mask_key: str = "salm_mask",
     device: str | torch.device = "cpu",
+    psnr: float | None = None,
 ) -> Compose:
     """Ready-to-use ``Compose([SaliencyMaskd, ApplyUnlearnableNoised])`` from a checkpoint.
 
     Images given to it must already be channel-first and scaled to the checkpoint's ``value_range``.
+
+    Args:
+        path: checkpoint written by :func:`save_protection`.
+        keys: image keys.
+        label_key: label key.
+        mask_key: where the mask is stored.
+        device: torch device.
+        psnr: when set, lower the checkpoint's epsilon (never raise it) so that releases at its ``k`` and image
+            size have at least this PSNR in dB (:func:`monai_salm.transforms.epsilon_for_psnr`).
+
+    Returns:
+        the two transforms in a ``Compose``.
     """
     settings, generator, surrogate, class_scores = load_protection(path, device)
+    epsilon = settings.epsilon
+    if psnr is not None:
+        lo, hi = settings.value_range
+        positions = math.prod(settings.image_size)
+        epsilon = min(epsilon, epsilon_for_psnr(psnr, settings.k, positions, data_range=hi - lo))
     return Compose(
         [
             SaliencyMaskd(
@@ -142,7 +162,7 @@ def protection_transforms(
                 keys,
                 mask_key=mask_key,
                 generator=generator,
-                epsilon=settings.epsilon,
+                epsilon=epsilon,
                 label_key=label_key if settings.label_conditioned else None,
                 value_range=settings.value_range,
             ),

@@ -16,6 +16,7 @@ from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
 from monai_salm.transforms.functional import (
+    block_average,
     call_generator,
     perturb,
     recalibrate_batchnorm,
@@ -78,6 +79,9 @@ class SALMTrainer(Trainer):
             random-mask ablation, a fixed random top-k per image).
         flip_symmetric: in ``"class"`` mode, average each class score map over all axis flips before
             taking the top k, so the class pattern is unchanged by flip augmentation.
+        mask_block: in ``"class"`` mode, average each class score map over cells of this side before the top k,
+            so the mask is made of solid blocks (which a 3x3 median filter or a small blur cannot remove)
+            instead of scattered positions; 1 keeps single positions.
         mask_refresh: recompute masks every this many epochs (0: only before the first epoch).
         generator_steps: generator steps per iteration.
         warmup_epochs: epochs of surrogate training on clean images before min-min starts.
@@ -112,6 +116,7 @@ class SALMTrainer(Trainer):
         value_range: Sequence[float] = (0.0, 1.0),
         mask_mode: str = "sample",
         flip_symmetric: bool = False,
+        mask_block: int = 1,
         mask_refresh: int = 1,
         generator_steps: int = 1,
         warmup_epochs: int = 0,
@@ -148,6 +153,7 @@ class SALMTrainer(Trainer):
         self.value_range = (lo, hi)
         self.mask_mode = mask_mode
         self.flip_symmetric = bool(flip_symmetric)
+        self.mask_block = int(mask_block)
         self.mask_refresh = int(mask_refresh)
         self.generator_steps = int(generator_steps)
         self.warmup_epochs = int(warmup_epochs)
@@ -239,6 +245,7 @@ class SALMTrainer(Trainer):
             self.class_scores = (sums / counts.clamp_min(1).reshape(-1, *[1] * (sums.ndim - 1))).detach()
             if self.flip_symmetric:
                 self.class_scores = flip_average(self.class_scores)
+            self.class_scores = block_average(self.class_scores, self.mask_block)
             self.class_masks = topk_mask(self.class_scores, self.k).bool()
 
     def mask_for(self, index: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,11 @@ from monai_salm.evaluation.report import (
     summary_markdown,
     write_report,
 )
-from monai_salm.evaluation.victim import VICTIM_RECIPE, classification_metrics, train_victim
+from monai_salm.evaluation.victim import RECIPES, VICTIM_RECIPE, classification_metrics, train_victim
 
 __all__ = [
     "COUNTERMEASURES",
+    "RECIPES",
     "VICTIM_RECIPE",
     "classification_metrics",
     "error_minimizing_noise",

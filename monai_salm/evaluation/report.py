@@ -72,13 +72,21 @@ def summary_markdown(report: Mapping) -> str:
         "",
         markdown_table(
             [
+                *[{"epoch": f"selected on {name} ({sel['epoch']})" + (" (headline)" if name == report.get("selected_by")
+                                                                      else ""),
+                   "accuracy": sel["accuracy"], "balanced_accuracy": sel["balanced_accuracy"], "auc": sel["auc"]}
+                  for name, sel in report.get("selected", {}).items()],
                 {"epoch": "final", "accuracy": report["accuracy"], "auc": report["auc"],
                  "balanced_accuracy": report["balanced_accuracy"]},
-                {"epoch": f"best ({report.get('best_epoch', '?')})", "accuracy": report["best_accuracy"],
+                {"epoch": f"peak on test ({report.get('best_epoch', '?')})", "accuracy": report["best_accuracy"],
                  "auc": report["best_auc"]},
             ],
             ["epoch", "accuracy", "balanced_accuracy", "auc"],
         ),
+        "The attacker received " + ", ".join(f"{k} ({v})" for k, v in report.get("release_splits", {}).items())
+        + " from the release; validation sets: "
+        + (", ".join(f"{k} ({v} images)" for k, v in report.get("validation", {}).items()) or "none") + ".",
+        "",
         "Per-epoch history:",
         "",
         markdown_table(report["history"], ["epoch", "train_accuracy", "accuracy", "balanced_accuracy", "auc"]),

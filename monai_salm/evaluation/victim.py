@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import DataLoader, Dataset
 from monai.metrics import compute_roc_auc
-from monai.transforms import Compose, RandFlipd
+from monai.transforms import Compose, RandFlipd, RandSpatialCropd, SpatialPadd
 from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
@@ -25,19 +26,42 @@ from monai_salm.evaluation.countermeasures import (
 )
 from monai_salm.networks import build_classifier
 
-__all__ = ["VICTIM_RECIPE", "classification_metrics", "train_victim"]
+__all__ = ["RECIPES", "VICTIM_RECIPE", "classification_metrics", "recipe_epochs", "select_epoch", "train_victim"]
 
-#: The default victim recipe, fixed (issue 2) before any result was collected. Every key can be overridden.
-VICTIM_RECIPE = {
-    "network": "resnet18",
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "weight_decay": 1e-4,
-    "schedule": "cosine",
-    "epochs": 20,
-    "batch_size": 128,
-    "flips": True,
+#: Named victim recipes. ``competent`` (the default) is the attacker of the evaluation protocol: the MedMNIST v2
+#: ResNet-18 training (Adam 1e-3, learning rate x0.1 at 50% and 75% of the budget, batch 128 in 2D and 32 in 3D,
+#: 100 epochs, model selected on validation AUC) with standard augmentation (random flips on every axis and random
+#: shifts of up to 2 pixels/voxels), its budget capped at ``max_steps`` optimizer steps on large sets. ``quick`` is
+#: the short recipe used before it (20 epochs, cosine, flips, final epoch), kept for fast checks.
+RECIPES: dict[str, dict] = {
+    "competent": {
+        "network": "resnet18",
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "schedule": "multistep",
+        "epochs": 100,
+        "max_steps": 4000,
+        "batch_size": None,
+        "flips": True,
+        "shift": 2,
+    },
+    "quick": {
+        "network": "resnet18",
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "schedule": "cosine",
+        "epochs": 20,
+        "max_steps": None,
+        "batch_size": 128,
+        "flips": True,
+        "shift": 0,
+    },
 }
+#: The default recipe.
+VICTIM_RECIPE = RECIPES["competent"]
+SCHEDULES = ("multistep", "cosine", "constant")
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
@@ -73,23 +97,78 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def _predict(model: torch.nn.Module, images: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
+    """Softmax class probabilities ``(N, num_classes)`` of ``model`` (put in eval mode) on CPU."""
     model.eval()
     out = [torch.softmax(model(images[i : i + batch_size].to(device)), 1).cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 
 
-def _loader(images: torch.Tensor, labels: torch.Tensor, flips: bool, cms: Sequence[Countermeasure], batch_size: int):
+def _loader(images, labels, flips: bool, shift: int, cms: Sequence[Countermeasure], batch_size: int, seed: int):
     spatial_dims = images.ndim - 2
     transforms = [RandFlipd("image", prob=0.5, spatial_axis=a) for a in range(spatial_dims)] if flips else []
+    if shift > 0:
+        size = tuple(images.shape[2:])
+        transforms += [SpatialPadd("image", [s + 2 * shift for s in size], mode="constant"),
+                       RandSpatialCropd("image", size, random_size=False)]
     transforms += augment_transforms(cms, spatial_dims)
     data = [{"image": images[i], "label": labels[i]} for i in range(len(images))]
+    compose = Compose(transforms)
+    compose.set_random_state(seed=seed)
     return DataLoader(
-        Dataset(data, transform=Compose(transforms)),
+        Dataset(data, transform=compose),
         batch_size=min(batch_size, len(data)),
         shuffle=True,
         drop_last=len(data) > batch_size,
+        generator=torch.Generator().manual_seed(seed),
     )
+
+
+def recipe_epochs(num_images: int, batch_size: int, epochs: int, max_steps: int | None = None) -> int:
+    """Epochs of a budget of ``epochs`` capped at ``max_steps`` optimizer steps (at least one epoch).
+
+    Args:
+        num_images: training images.
+        batch_size: batch size (the last partial batch is dropped when there is more than one batch).
+        epochs: the recipe's epochs.
+        max_steps: cap on optimizer steps, or None.
+
+    Returns:
+        the number of epochs to train.
+    """
+    steps_per_epoch = max(1, num_images // batch_size)
+    if max_steps is None:
+        return int(epochs)
+    return int(max(1, min(epochs, math.ceil(max_steps / steps_per_epoch))))
+
+
+def select_epoch(history: Sequence[dict], val_name: str, metric: str = "auc") -> dict:
+    """The epoch an attacker keeps when early-stopping on a validation set: the best validation ``metric``.
+
+    Ties go to the earlier epoch (what an attacker who stops early keeps).
+
+    Args:
+        history: per-epoch records holding ``val[val_name][metric]``.
+        val_name: which validation set the attacker watches.
+        metric: ``"auc"`` (the MedMNIST protocol) or ``"accuracy"``.
+
+    Returns:
+        that epoch's record.
+    """
+    return max(history, key=lambda h: (h["val"][val_name][metric], -h["epoch"]))
+
+
+def _scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int):
+    if schedule == "multistep":
+        milestones = [int(0.5 * total_steps), int(0.75 * total_steps)]
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def _summary(record: dict) -> dict:
+    return {k: record[k] for k in ("epoch", "accuracy", "balanced_accuracy", "auc", "per_class_accuracy")}
 
 
 def train_victim(
@@ -98,23 +177,29 @@ def train_victim(
     test_images: torch.Tensor,
     test_labels: torch.Tensor,
     num_classes: int,
-    epochs: int = VICTIM_RECIPE["epochs"],
-    network: str = VICTIM_RECIPE["network"],
-    optimizer: str = VICTIM_RECIPE["optimizer"],
-    lr: float = VICTIM_RECIPE["lr"],
-    weight_decay: float = VICTIM_RECIPE["weight_decay"],
-    batch_size: int = VICTIM_RECIPE["batch_size"],
-    flips: bool = VICTIM_RECIPE["flips"],
+    val_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    recipe: str = "competent",
+    epochs: int | None = None,
+    network: str | None = None,
+    optimizer: str | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    batch_size: int | None = None,
+    flips: bool | None = None,
+    shift: int | None = None,
+    schedule: str | None = None,
     countermeasures: str | Sequence[str] | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    keep_model: bool = False,
 ) -> dict:
-    """Train a fresh victim from scratch and test it on clean data after every epoch.
+    """Train a fresh victim from scratch, test it on clean data after every epoch, select epochs on validation.
 
     The victim never sees clean training data: ``preprocess`` countermeasures (blur, median, bit depth, JPEG,
-    resampling) are applied once to the training images, ``augment`` ones per sample, ``mixup`` per batch and
-    ``adversarial`` replaces each batch by its PGD adversarial examples. Test images are left as they are.
+    resampling) are applied once to the training images and to its validation sets (an attacker filters what it
+    validates on the same way), ``augment`` ones per sample, ``mixup`` per batch and ``adversarial`` replaces each
+    batch by its PGD adversarial examples. Test images are left as they are.
 
     Args:
         train_images: ``(N, C, *spatial)`` in [0, 1], the (protected) training split.
@@ -122,45 +207,77 @@ def train_victim(
         test_images: clean test images, same layout.
         test_labels: clean test labels.
         num_classes: number of classes.
-        epochs: training epochs (cosine schedule over all of them).
+        val_sets: named validation sets ``{name: (images, labels)}`` the attacker may early-stop on, e.g.
+            ``{"protected_val": ..., "clean_val": ...}``; for each, the report gives the clean-test metrics at the
+            epoch of best validation AUC.
+        recipe: a name in :data:`RECIPES`; the arguments below override its entries (None: the recipe's).
+        epochs: training epochs (default: the recipe's, capped at its ``max_steps`` optimizer steps).
         network: classifier name from :func:`monai_salm.networks.build_classifier`.
         optimizer: ``adam``, ``adamw`` or ``sgd`` (momentum 0.9).
         lr: learning rate.
         weight_decay: weight decay.
-        batch_size: batch size.
-        flips: random flips on every spatial axis (p=0.5 each), the recipe's standard augmentation.
+        batch_size: batch size (recipe ``None``: 128 in 2D, 32 in 3D).
+        flips: random flips on every spatial axis (p=0.5 each).
+        shift: random shifts of up to this many pixels/voxels (zero padding, then a random crop); 0: none.
+        schedule: ``multistep`` (x0.1 at 50% and 75% of the steps), ``cosine`` or ``constant``.
         countermeasures: names from :data:`monai_salm.evaluation.COUNTERMEASURES`, e.g. ``"median,mixup"``.
         seed: random seed (weights, shuffling, augmentations).
         device: torch device.
         progress: show a progress bar.
+        keep_model: return the model the attacker keeps under ``"model"``: the weights of the headline
+            validation-selected epoch (the final epoch without validation sets).
 
     Returns:
-        a report with the final-epoch ``accuracy``, ``balanced_accuracy``, ``auc``, ``per_class_accuracy``, the
-        best-epoch ``best_accuracy`` / ``best_auc``, per-epoch ``history`` (test metrics and ``train_accuracy``
-        on the protected training batches), ``train_seconds`` and the ``recipe``.
+        a report with the final-epoch ``accuracy``, ``balanced_accuracy``, ``auc``, ``per_class_accuracy``; the
+        peak ``best_accuracy`` / ``best_auc`` / ``best_epoch`` (chosen on the test set: an upper bound no real
+        attacker reaches); ``selected`` (per validation set, the test metrics at the validation-selected epoch)
+        and the headline ``selected_accuracy`` / ``selected_balanced_accuracy`` / ``selected_auc`` /
+        ``selected_epoch`` / ``selected_by``, from the validation set that gives the attacker the better test result
+        (AUC on binary tasks, accuracy otherwise);
+        per-epoch ``history``; ``train_seconds``; the ``recipe``.
 
     Raises:
-        ValueError: for mismatched shapes, unknown optimizers, networks or countermeasures.
+        ValueError: for mismatched shapes, unknown recipes, optimizers, schedules, networks or countermeasures.
     """
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown victim recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
+    overrides = {"network": network, "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay,
+                 "batch_size": batch_size, "flips": flips, "shift": shift, "schedule": schedule}
+    settings = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
     if train_images.shape[1:] != test_images.shape[1:]:
         raise ValueError(f"train images {tuple(train_images.shape[1:])} and test images "
                          f"{tuple(test_images.shape[1:])} differ in shape.")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+    for name, (images, _) in (val_sets or {}).items():
+        if images.shape[1:] != train_images.shape[1:]:
+            raise ValueError(f"{name} images {tuple(images.shape[1:])} and train images "
+                             f"{tuple(train_images.shape[1:])} differ in shape.")
+    if settings["optimizer"] not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {settings['optimizer']!r}; choose one of {', '.join(OPTIMIZERS)}.")
+    if settings["schedule"] not in SCHEDULES:
+        raise ValueError(f"unknown schedule {settings['schedule']!r}; choose one of {', '.join(SCHEDULES)}.")
     cms = parse_countermeasures(countermeasures)
     set_determinism(seed)
     spatial_dims = train_images.ndim - 2
-    model = build_classifier(network, spatial_dims, train_images.shape[1], num_classes, train_images.shape[2:])
+    if settings["batch_size"] is None:
+        settings["batch_size"] = 128 if spatial_dims == 2 else 32
+    if epochs is None:
+        epochs = recipe_epochs(len(train_images), settings["batch_size"], settings["epochs"], settings["max_steps"])
+    settings["epochs"] = int(epochs)
+    net_name = settings["network"]
+    model = build_classifier(net_name, spatial_dims, train_images.shape[1], num_classes, train_images.shape[2:])
     model = model.to(device)
-    loader = _loader(preprocess(cms, train_images.float()), train_labels.long(), flips, cms, batch_size)
+    loader = _loader(preprocess(cms, train_images.float()), train_labels.long(), settings["flips"], settings["shift"],
+                     cms, settings["batch_size"], seed)
+    vals = {name: (preprocess(cms, images.float()), labels) for name, (images, labels) in (val_sets or {}).items()}
     mix = batch_transform(cms, num_classes, seed=seed)
     adversarial = adversarial_training(cms)
-    extra = {"momentum": 0.9} if optimizer == "sgd" else {}
-    opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr, weight_decay=weight_decay, **extra)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
-    history = []
+    extra = {"momentum": 0.9} if settings["optimizer"] == "sgd" else {}
+    opt = OPTIMIZERS[settings["optimizer"]](model.parameters(), lr=settings["lr"],
+                                            weight_decay=settings["weight_decay"], **extra)
+    sched = _scheduler(opt, settings["schedule"], epochs * len(loader))
+    history, snapshots = [], {}
     start = time.perf_counter()
-    for epoch in tqdm(range(1, epochs + 1), disable=not progress, desc=f"victim {network}"):
+    for epoch in tqdm(range(1, epochs + 1), disable=not progress, desc=f"victim {net_name}"):
         model.train()
         correct = seen = 0
         for batch in loader:
@@ -178,13 +295,19 @@ def train_victim(
             sched.step()
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-        metrics = classification_metrics(_predict(model, test_images, device), test_labels)
+        metrics = classification_metrics(predict_probabilities(model, test_images, device), test_labels)
         metrics.update(epoch=epoch, train_accuracy=correct / max(seen, 1))
+        metrics["val"] = {
+            name: {k: v for k, v in classification_metrics(predict_probabilities(model, images, device), labels).items()
+                   if k != "per_class_accuracy"}
+            for name, (images, labels) in vals.items()
+        }
         history.append(metrics)
+        for name, val in metrics["val"].items():  # the attacker's kept weights per validation set
+            if keep_model and (name not in snapshots or val["auc"] > snapshots[name][0]):
+                snapshots[name] = (val["auc"], {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     final = history[-1]
-    recipe = {**VICTIM_RECIPE, "network": network, "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay,
-              "epochs": epochs, "batch_size": batch_size, "flips": flips, "seed": seed}
-    return {
+    report = {
         "accuracy": final["accuracy"],
         "balanced_accuracy": final["balanced_accuracy"],
         "auc": final["auc"],
@@ -192,8 +315,23 @@ def train_victim(
         "best_accuracy": max(h["accuracy"] for h in history),
         "best_auc": max(h["auc"] for h in history),
         "best_epoch": max(history, key=lambda h: h["accuracy"])["epoch"],
-        "history": history,
-        "train_seconds": time.perf_counter() - start,
-        "recipe": recipe,
-        "countermeasures": [str(c) for c in cms],
     }
+    selected = {name: _summary(select_epoch(history, name)) for name in vals}
+    if selected:
+        headline = "auc" if num_classes == 2 else "accuracy"
+        worst = max(selected, key=lambda name: selected[name][headline])
+        pick = selected[worst]
+        report.update(selected=selected, selected_by=worst, selected_epoch=pick["epoch"],
+                      selected_accuracy=pick["accuracy"], selected_balanced_accuracy=pick["balanced_accuracy"],
+                      selected_auc=pick["auc"])
+    if keep_model:
+        if selected:
+            model.load_state_dict(snapshots[report["selected_by"]][1])
+        report["model"] = model
+    report.update(
+        history=history,
+        train_seconds=time.perf_counter() - start,
+        recipe={"name": recipe, **settings, "seed": seed},
+        countermeasures=[str(c) for c in cms],
+    )
+    return report

@@ -54,6 +54,10 @@ class NoiseGenerator(torch.nn.Module):
             spatial pattern ``(num_classes, C, *pattern_size)`` started from random signs (made
             flip-symmetric, so flip augmentation leaves it unchanged) instead of one value per channel;
             inputs must then have this spatial size.
+        pattern_cell: side, in pixels/voxels, of the pattern's constant cells: the learnable pattern has
+            ``ceil(pattern_size / pattern_cell)`` cells per axis and is upsampled (nearest) to ``pattern_size``.
+            Cells of 3 or more survive a 3x3 median filter, a 1-pixel blur and 2x down-up resampling, which
+            destroy single-pixel patterns; 1 (the default) is one value per pixel.
 
     Raises:
         ValueError: for unsupported ``spatial_dims`` or bad label values.
@@ -68,6 +72,7 @@ class NoiseGenerator(torch.nn.Module):
         strides: Sequence[int] = (2, 2),
         code_scale: float = 2.0,
         pattern_size: Sequence[int] | None = None,
+        pattern_cell: int = 1,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -86,17 +91,29 @@ class NoiseGenerator(torch.nn.Module):
             num_res_units=1,
         )
         self.pattern_size = None if pattern_size is None else tuple(int(v) for v in pattern_size)
+        if int(pattern_cell) < 1:
+            raise ValueError(f"pattern_cell must be a positive integer, got {pattern_cell}.")
+        self.pattern_cell = int(pattern_cell)
         if self.label_conditioned:
             code = sign_code(self.num_classes, in_channels)
             if self.pattern_size is not None:
                 if len(self.pattern_size) != spatial_dims:
                     raise ValueError(f"pattern_size must have {spatial_dims} values, got {pattern_size}.")
                 gen = torch.Generator().manual_seed(0)
-                signs = torch.randn(self.num_classes, in_channels, *self.pattern_size, generator=gen)
+                cells = [math.ceil(s / self.pattern_cell) for s in self.pattern_size]
+                signs = torch.randn(self.num_classes, in_channels, *cells, generator=gen)
                 for dim in range(2, 2 + spatial_dims):
                     signs = signs + signs.flip(dim)
                 code = signs.sign()
             self.class_code = torch.nn.Parameter(code_scale * code)
+
+    def class_pattern(self) -> torch.Tensor:
+        """The per-class code: ``(num_classes, C)``, or ``(num_classes, C, *pattern_size)`` for a spatial pattern."""
+        code = self.class_code
+        if self.pattern_size is None or self.pattern_cell == 1:
+            return code
+        code = F.interpolate(code, scale_factor=self.pattern_cell, mode="nearest")
+        return code[(..., *[slice(0, s) for s in self.pattern_size])]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -125,7 +142,7 @@ class NoiseGenerator(torch.nn.Module):
         padded = F.pad(x, pad, mode="replicate") if any(pad) else x
         out = self.net(padded)[(..., *[slice(0, s) for s in spatial])]
         if self.label_conditioned:
-            code = self.class_code[y]
+            code = self.class_pattern()[y]
             if self.pattern_size is None:
                 code = code.reshape(y.shape[0], self.in_channels, *([1] * self.spatial_dims))
             out = out + code

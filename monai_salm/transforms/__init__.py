@@ -7,4 +7,11 @@ from monai_salm.transforms.dictionary import (
     SaliencyMaskd,
     SaliencyMaskDict,
 )
-from monai_salm.transforms.functional import call_generator, perturb, resolve_k, saliency_scores, topk_mask
+from monai_salm.transforms.functional import (
+    call_generator,
+    epsilon_for_psnr,
+    perturb,
+    resolve_k,
+    saliency_scores,
+    topk_mask,
+)

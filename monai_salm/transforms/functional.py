@@ -14,8 +14,10 @@ import torch.nn.functional as F
 
 __all__ = [
     "resolve_k",
+    "epsilon_for_psnr",
     "saliency_scores",
     "topk_mask",
+    "block_average",
     "perturb",
     "call_generator",
     "preserve_model_state",
@@ -50,6 +52,32 @@ def resolve_k(k: float | int, num_positions: int) -> int:
     if count < 1:
         raise ValueError(f"k={frac} selects no position of an image with {num_positions} positions.")
     return count
+
+
+def epsilon_for_psnr(psnr_db: float, k: float | int, num_positions: int, data_range: float = 1.0) -> float:
+    """The L-infinity budget at which a release with sparsity ``k`` has a PSNR of at least ``psnr_db``.
+
+    A masked position changes by at most epsilon in every channel, so the mean squared change is at most
+    ``(count / num_positions) * epsilon ** 2`` and ``epsilon = data_range * 10 ** (-psnr_db / 20) *
+    sqrt(num_positions / count)`` meets the PSNR exactly when every masked value moves by the full epsilon;
+    clipping at the range limits only raises it.
+
+    Args:
+        psnr_db: target PSNR in dB (positive).
+        k: sparsity, fraction or count (see :func:`resolve_k`).
+        num_positions: spatial positions of one image.
+        data_range: the value range's width (1 for [0, 1]).
+
+    Returns:
+        epsilon in the units of ``data_range``, at most ``data_range``.
+
+    Raises:
+        ValueError: for a non-positive PSNR or a bad ``k``.
+    """
+    if not psnr_db > 0:
+        raise ValueError(f"psnr must be a positive number of dB, got {psnr_db}.")
+    fraction = resolve_k(k, num_positions) / num_positions
+    return float(min(data_range, data_range * 10 ** (-psnr_db / 20) / fraction**0.5))
 
 
 class preserve_model_state:
@@ -147,6 +175,33 @@ def topk_mask(scores: torch.Tensor, k: float | int) -> torch.Tensor:
     mask = torch.zeros_like(flat, dtype=torch.float32)
     mask.scatter_(1, order, 1.0)
     return mask.reshape(batch, 1, *spatial)
+
+
+def block_average(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """Replace every position's score by the mean over its ``block``-sided cell (cells from the origin).
+
+    A top-k of the result selects whole cells (only the last one may be partial, by the lower-index tie rule),
+    so the mask is made of solid blocks instead of scattered positions.
+
+    Args:
+        scores: ``(B, *spatial)`` scores, 2 or 3 spatial dimensions.
+        block: cell side in positions; 1 returns ``scores`` unchanged.
+
+    Returns:
+        a tensor shaped like ``scores``.
+
+    Raises:
+        ValueError: for a block smaller than 1.
+    """
+    if block < 1:
+        raise ValueError(f"block must be a positive integer, got {block}.")
+    if block == 1:
+        return scores
+    spatial = scores.shape[1:]
+    pool = F.avg_pool2d if len(spatial) == 2 else F.avg_pool3d
+    pooled = pool(scores[:, None].float(), block, stride=block, ceil_mode=True, count_include_pad=False)
+    up = F.interpolate(pooled, scale_factor=block, mode="nearest")
+    return up[(slice(None), 0, *[slice(0, s) for s in spatial])].to(scores.dtype)
 
 
 def call_generator(generator: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

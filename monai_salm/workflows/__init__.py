@@ -45,7 +45,7 @@ from monai_salm.workflows.protect import ProtectInferer, protect_evaluator, prot
 from monai_salm.workflows.saver import ProtectedCopySaver
 from monai_salm.workflows.split import SALMData, has_validation, load_train_val, split_validation
 from monai_salm.workflows.summary import log_checkpoint, log_manifest
-from monai_salm.workflows.training import ProtectedValidationInferer, SaveProtection, make_settings
+from monai_salm.workflows.training import ProtectedValidationInferer, SaveProtection, make_settings, resolve_epsilon
 
 __all__ = [
     "TrainingArrays",
@@ -61,6 +61,7 @@ __all__ = [
     "network_shape",
     "BundleNoiseGenerator",
     "make_settings",
+    "resolve_epsilon",
     "ProtectedValidationInferer",
     "SaveProtection",
     "load_checkpoint",

@@ -3,8 +3,10 @@ the checkpoint, the protected-validation inferer and the handler that saves the 
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,13 @@ from monai.inferers import Inferer
 
 from monai_salm.api import protect_tensor
 from monai_salm.engines import SALMSettings, save_protection
+from monai_salm.io import IntensityScaling
 from monai_salm.networks import NoiseGenerator
+from monai_salm.transforms.functional import epsilon_for_psnr
 from monai_salm.workflows.arrays import TrainingArrays
 from monai_salm.workflows.split import SALMData
 
-__all__ = ["make_settings", "ProtectedValidationInferer", "SaveProtection"]
+__all__ = ["make_settings", "resolve_epsilon", "ProtectedValidationInferer", "SaveProtection"]
 
 
 def _generator_kwargs(generator: NoiseGenerator) -> dict[str, Any]:
@@ -26,7 +30,46 @@ def _generator_kwargs(generator: NoiseGenerator) -> dict[str, Any]:
                               "strides": [int(s) for s in generator.net.strides]}
     if generator.pattern_size is not None:
         kwargs["pattern_size"] = list(generator.pattern_size)
+    if generator.pattern_cell > 1:
+        kwargs["pattern_cell"] = generator.pattern_cell
     return kwargs
+
+
+def resolve_epsilon(
+    epsilon: float | None,
+    psnr: float | None,
+    k: float | int,
+    image_size: Sequence[int],
+    scaling: IntensityScaling | None = None,
+) -> float:
+    """The training budget: ``epsilon`` when given, else the epsilon that meets ``psnr`` dB at sparsity ``k``.
+
+    A budget from ``psnr`` is rounded down to whole original units when ``scaling`` maps whole-numbered stored
+    values (8-bit ``range:0:255``, a CT ``window`` in HU), so rounding the protected values back to the stored type
+    can never exceed it.
+
+    Args:
+        epsilon: the budget in [0, 1] units, or None to derive it from ``psnr``.
+        psnr: target PSNR of the release in dB (used when ``epsilon`` is None).
+        k: sparsity (fraction or count).
+        image_size: spatial size of the training images.
+        scaling: the data's intensity scaling.
+
+    Returns:
+        epsilon in [0, 1] units (see :func:`monai_salm.transforms.epsilon_for_psnr`).
+
+    Raises:
+        ValueError: when both are None, or for a bad ``psnr``/``k``.
+    """
+    if epsilon is not None:
+        return float(epsilon)
+    if psnr is None:
+        raise ValueError("give an epsilon or a target psnr.")
+    eps = epsilon_for_psnr(float(psnr), k, math.prod(int(v) for v in image_size))
+    width = scaling.hi - scaling.lo if scaling is not None and scaling.kind in ("range", "window") else 0.0
+    if width >= 1 and float(width).is_integer():
+        eps = max(1.0, math.floor(eps * width + 1e-9)) / width
+    return eps
 
 
 def make_settings(

@@ -1,0 +1,189 @@
+"""The competent attacker (recipes, budget, validation-selected epoch, readers), whole-release protection, the PSNR
+budget and block-shaped masks and patterns."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from monai_salm.api import protection_stats, train_salm
+from monai_salm.cli import main
+from monai_salm.engines import load_protection, protection_transforms
+from monai_salm.evaluation import RECIPES, classification_metrics, train_victim
+from monai_salm.evaluation.victim import predict_probabilities, recipe_epochs, select_epoch
+from monai_salm.networks import NoiseGenerator
+from monai_salm.transforms.functional import block_average, epsilon_for_psnr, topk_mask
+
+from conftest import make_medmnist
+
+
+def _separable(n=48, shape=(12, 12), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = (torch.rand(n, 1, *shape, generator=g) * 0.4 + y.view(-1, *[1] * (len(shape) + 1)) * 0.5).clamp(0, 1)
+    return x, y
+
+
+def test_recipe_budget_in_steps():
+    # BreastMNIST: 546 // 128 = 4 steps an epoch, the 100-epoch protocol fits under 4000 steps
+    assert recipe_epochs(546, 128, 100, 4000) == 100
+    # BloodMNIST: 11959 // 128 = 93 steps an epoch, capped at ceil(4000 / 93) = 44 epochs
+    assert recipe_epochs(11959, 128, 100, 4000) == 44
+    assert recipe_epochs(10, 128, 100, 4000) == 100  # one (partial) batch an epoch
+    assert recipe_epochs(11959, 128, 20, None) == 20
+    assert RECIPES["competent"]["schedule"] == "multistep" and RECIPES["quick"]["schedule"] == "cosine"
+
+
+def test_select_epoch_takes_best_validation_auc_earliest_on_ties():
+    history = [{"epoch": e, "val": {"v": {"auc": a, "accuracy": 0.5}}} for e, a in enumerate([0.6, 0.8, 0.7, 0.8], 1)]
+    assert select_epoch(history, "v")["epoch"] == 2
+
+
+def test_competent_victim_selects_on_validation(tiny_classifier):
+    x, y = _separable()
+    vx, vy = _separable(16, seed=1)
+    bad_val = (vx, 1 - vy)  # a validation set with flipped labels prefers the worst epoch
+    report = train_victim(x, y, x[:16], y[:16], 2, val_sets={"good": (vx, vy), "flipped": bad_val}, epochs=4,
+                          network=tiny_classifier(2, 1, 2), batch_size=16, lr=1e-2, keep_model=True)
+    assert set(report["selected"]) == {"good", "flipped"}
+    for name, sel in report["selected"].items():
+        expected = select_epoch(report["history"], name)
+        assert sel["epoch"] == expected["epoch"] and sel["auc"] == expected["auc"]
+    worst = max(report["selected"], key=lambda n: report["selected"][n]["auc"])  # binary: AUC decides
+    assert report["selected_by"] == worst
+    assert report["selected_auc"] == report["selected"][worst]["auc"]
+    assert report["recipe"]["name"] == "competent" and report["recipe"]["schedule"] == "multistep"
+    assert report["recipe"]["shift"] == 2 and report["recipe"]["epochs"] == 4
+    # the kept model is the selected epoch's
+    kept = classification_metrics(predict_probabilities(report["model"], x[:16], "cpu"), y[:16])
+    assert kept["auc"] == pytest.approx(report["selected_auc"])
+
+
+def test_victim_defaults_batch_by_dimension(tiny_classifier):
+    x, y = _separable(8, shape=(8, 8, 8))
+    report = train_victim(x, y, x, y, 2, epochs=1, network=tiny_classifier(3, 1, 2))
+    assert report["recipe"]["batch_size"] == 32 and "selected" not in report
+
+
+def test_victim_rejects_unknown_recipe_and_schedule(tiny_classifier):
+    x, y = _separable()
+    with pytest.raises(ValueError, match="recipe"):
+        train_victim(x, y, x, y, 2, recipe="strong", network=tiny_classifier(2, 1, 2))
+    with pytest.raises(ValueError, match="schedule"):
+        train_victim(x, y, x, y, 2, epochs=1, schedule="step", network=tiny_classifier(2, 1, 2))
+
+
+def test_epsilon_for_psnr_meets_the_target_exactly_without_clipping():
+    k, positions = 0.05, 28 * 28
+    eps = epsilon_for_psnr(32.0, k, positions)
+    clean = torch.full((4, 1, 28, 28), 0.5)
+    mask = topk_mask(torch.rand(4, 28, 28, generator=torch.Generator().manual_seed(0)), k)
+    protected = clean + mask * eps  # every masked value moves by the full epsilon
+    assert protection_stats(clean, protected, data_range=1.0)["psnr_db"] == pytest.approx(32.0, abs=1e-4)
+    assert epsilon_for_psnr(10.0, 1.0, positions) == pytest.approx(10 ** (-0.5))
+    assert epsilon_for_psnr(1.0, 1.0, positions) <= 1.0
+    with pytest.raises(ValueError, match="psnr"):
+        epsilon_for_psnr(0.0, k, positions)
+
+
+def test_train_psnr_budget_and_whole_release(tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    arrays = make_medmnist(data, n=32, shape=(16, 16))
+    ckpt = tmp_path / "salm.pt"
+    assert main(["train", "--data", str(data), "--out", str(ckpt), "--epochs", "1", "--warmup-epochs", "0",
+                 "--k", "0.1", "--psnr", "34", "--batch-size", "16", "--quiet"]) == 0
+    settings = load_protection(ckpt)[0]
+    # 26 of 256 positions: epsilon = 10^(-34/20) / sqrt(26/256) = 0.0626, rounded down to whole 8-bit steps
+    exact = epsilon_for_psnr(34.0, 0.1, 256)
+    assert settings.epsilon == pytest.approx(math.floor(exact * 255) / 255)
+    out = tmp_path / "release.npz"
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report) >= {"train", "val", "test"}  # every split of the release is protected by default
+    with np.load(out) as f:
+        for split in ("train", "val", "test"):
+            clean, prot = arrays[f"{split}_images"].astype(int), f[f"{split}_images"].astype(int)
+            assert (clean != prot).any() and np.abs(clean - prot).max() <= round(settings.epsilon * 255)
+            assert report[split]["psnr_db"] >= 34.0
+    only_train = tmp_path / "train_only.npz"
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(only_train), "--splits",
+                 "train", "--quiet"]) == 0
+    with np.load(only_train) as f:
+        np.testing.assert_array_equal(f["test_images"], arrays["test_images"])
+        np.testing.assert_array_equal(f["val_images"], arrays["val_images"])
+
+
+def test_evaluate_reports_selection_release_and_readers(tmp_path):
+    data = tmp_path / "d.npz"
+    make_medmnist(data, n=32, shape=(16, 16))
+    out = tmp_path / "report"
+    assert main(["evaluate", "--train", str(data), "--test", str(data), "--epochs", "2", "--victim", "vit",
+                 "--reader-data", str(data), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["validation"] == {"protected_val": 8, "clean_val": 8}
+    assert report["release_splits"] == {"train": 32, "val": 8, "test": 8}
+    assert report["selected_by"] in ("protected_val", "clean_val") and 1 <= report["selected_epoch"] <= 2
+    reader = report["reader"][str(data)]
+    assert reader["accuracy_change"] == 0.0 and reader["clean_accuracy"] == reader["protected_accuracy"]
+    assert "headline" in (out / "summary.md").read_text()
+    assert main(["evaluate", "--train", str(data), "--test", str(data), "--epochs", "1", "--victim", "vit",
+                 "--val-from", "none", "--out", str(tmp_path / "none"), "--quiet"]) == 0
+    assert "selected" not in json.loads((tmp_path / "none" / "report.json").read_text())
+
+
+@pytest.mark.parametrize("spatial", [(6, 6), (6, 6, 6)])
+def test_block_average_makes_masks_of_whole_cells(spatial):
+    scores = torch.rand(2, *spatial, generator=torch.Generator().manual_seed(0))
+    pooled = block_average(scores, 3)
+    assert pooled.shape == scores.shape
+    # first cell: the mean of its 3x3(x3) positions everywhere in it
+    cell = (slice(None), *[slice(0, 3)] * len(spatial))
+    first = scores[cell].reshape(2, -1).mean(1)
+    assert torch.allclose(pooled[cell].reshape(2, -1), first[:, None].expand(2, 3 ** len(spatial)))
+    count = 3 ** len(spatial)
+    mask = topk_mask(pooled, count)  # exactly one whole cell
+    assert int(mask[0].sum()) == count
+    nonzero = mask[0, 0].nonzero()
+    assert (nonzero.max(0).values - nonzero.min(0).values == 2).all()
+    assert torch.equal(block_average(scores, 1), scores)
+    assert block_average(torch.rand(1, 5, 7), 3).shape == (1, 5, 7)  # partial cells at the far edges
+    with pytest.raises(ValueError, match="block"):
+        block_average(scores, 0)
+
+
+def test_generator_pattern_cells_are_constant_and_flip_symmetric():
+    gen = NoiseGenerator(2, 1, num_classes=3, pattern_size=(12, 12), pattern_cell=4)
+    pattern = gen.class_pattern()
+    assert pattern.shape == (3, 1, 12, 12) and gen.class_code.shape == (3, 1, 3, 3)
+    blocks = pattern.reshape(3, 1, 3, 4, 3, 4)
+    assert torch.equal(blocks, blocks[:, :, :, :1, :, :1].expand_as(blocks))
+    assert torch.equal(pattern, pattern.flip(2)) and torch.equal(pattern, pattern.flip(3))
+    out = gen(torch.rand(2, 1, 12, 12), torch.tensor([0, 2]))
+    assert out.shape == (2, 1, 12, 12)
+    with pytest.raises(ValueError, match="pattern_cell"):
+        NoiseGenerator(2, 1, num_classes=3, pattern_size=(12, 12), pattern_cell=0)
+
+
+def test_block_training_gives_block_masks_and_psnr_loader(tmp_path, tiny_classifier):
+    x, y = _separable(32, shape=(12, 12))
+    trainer, settings = train_salm(x, y, 2, epochs=1, k=32, epsilon=16 / 255, block=4, warmup_epochs=0,
+                                   batch_size=16, surrogate=tiny_classifier(2, 1, 2))
+    masks = trainer.class_masks[:, 0].float()  # k = 32 positions = two whole 4x4 cells per class
+    assert (masks.sum((1, 2)) == 32).all()
+    cells = masks.reshape(2, 3, 4, 3, 4).sum((2, 4))
+    assert set(cells.unique().tolist()) <= {0.0, 16.0}
+    assert settings.generator["pattern_cell"] == 4
+
+
+def test_protection_transforms_psnr_lowers_epsilon_only(tmp_path):
+    data = tmp_path / "d.npz"
+    make_medmnist(data, n=16, shape=(16, 16))
+    ckpt = tmp_path / "salm.pt"
+    assert main(["train", "--data", str(data), "--out", str(ckpt), "--epochs", "1", "--warmup-epochs", "0",
+                 "--k", "0.1", "--eps", "8/255", "--batch-size", "16", "--quiet"]) == 0
+    strict = protection_transforms(ckpt, psnr=45.0).transforms[1]
+    loose = protection_transforms(ckpt, psnr=10.0).transforms[1]
+    assert strict.noiser.epsilon == pytest.approx(epsilon_for_psnr(45.0, 0.1, 256))
+    assert loose.noiser.epsilon == pytest.approx(8 / 255)
