@@ -29,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-#: victim epochs per dataset (the recipe is otherwise the default one); breast has only 546 images (4 batches)
-EPOCHS = {"breast": 20, "retina": 10, "pneumonia": 10, "blood": 10, "adrenal": 10}
-DATASETS = tuple(EPOCHS)
+#: the evaluation data sets (benchmarks/eval_data.py)
+DATASETS = ("breast", "retina", "pneumonia", "blood", "adrenal")
+#: victim epochs when --epochs is not given: None is the competent recipe's own budget (100 epochs, at most 4000
+#: steps); every victim of a run, clean or protected, trains for the same budget
+EPOCHS: dict[str, int | None] = {ds: None for ds in DATASETS}
 #: SALM training epochs per dataset (the default is 10)
 SALM_EPOCHS = {"adrenal": 8}
 #: EM rounds per dataset (the default is at most 10; one 3D round takes ~10 min on one core)
@@ -85,18 +87,24 @@ def protection(root: Path, ds: str, method: str, extra: tuple[str, ...] = (), ta
     return out
 
 
-def victim(root: Path, ds: str, train: Path, name: str, net: str = "resnet18", cms: str = "", epochs: int = 0) -> None:
-    """Train and test one victim unless its report exists; append the result to ``results.jsonl``."""
-    out = root / ds / "victims" / f"{name}__{net}__{cms.replace(',', '+') or 'none'}"
+def victim(root: Path, ds: str, train: Path, name: str, net: str = "resnet18", cms: str = "", epochs: int = 0,
+           seed: int = 0, readers: tuple[Path, ...] = ()) -> None:
+    """Train and test one competent victim unless its report exists; append the result to ``results.jsonl``."""
+    out = root / ds / "victims" / f"{name}__{net}__{cms.replace(',', '+') or 'none'}" f"{f'__seed{seed}' if seed else ''}"
     if (out / "report.json").exists():
         return
     cmd = ["monai-salm", "evaluate", "--train", str(train), "--test", str(root / ds / "data.npz"), "--victim", net,
-           "--epochs", str(epochs or EPOCHS[ds]), "--out", str(out), "--threads", "1", "--quiet"]
+           "--out", str(out), "--seed", str(seed), "--threads", "1", "--quiet"]
+    budget = epochs or EPOCHS[ds]
+    cmd += ["--epochs", str(budget)] if budget else []
+    cmd += ["--reader-data", *map(str, readers)] if readers else []
     run([*cmd, *(["--countermeasure", cms] if cms else [])], out.with_suffix(".log"))
     report = json.loads((out / "report.json").read_text())
-    row = {"dataset": ds, "method": name, "victim": net, "countermeasures": cms or "none",
-           **{k: report[k] for k in ("accuracy", "balanced_accuracy", "auc", "best_accuracy", "best_auc",
-                                     "per_class_accuracy", "train_seconds")},
+    row = {"dataset": ds, "method": name, "victim": net, "countermeasures": cms or "none", "seed": seed,
+           **{k: report.get(k) for k in ("selected_accuracy", "selected_balanced_accuracy", "selected_auc",
+                                         "selected_epoch", "selected_by", "selected", "accuracy",
+                                         "balanced_accuracy", "auc", "best_accuracy", "best_auc",
+                                         "per_class_accuracy", "train_seconds", "recipe", "reader")},
            "history": report["history"], "report": str(out / "report.json")}
     with open(root / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -114,15 +122,23 @@ def main() -> None:
     parser.add_argument("--protected", nargs="+", default=["salm", "em", "random_noise"],
                         help="countermeasures stage: the protected copies to attack")
     parser.add_argument("--robust-to", default="median", help="robust stage: the countermeasure SALM trains through")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="victim epochs for every run (default: the competent recipe's budget)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="main stage: victim seeds")
     args = parser.parse_args()
+    for ds in DATASETS:
+        EPOCHS[ds] = args.epochs or EPOCHS[ds]
     root = args.root
     for ds in args.datasets:
         if args.stage == "protections":
             for method in args.methods:
                 protection(root, ds, method)
         elif args.stage == "main":
-            for method in args.methods:
-                victim(root, ds, protection(root, ds, method), method)
+            for seed in args.seeds:
+                for method in args.methods:
+                    # the authorized user also reads the protected release: what protection costs legitimate readers
+                    readers = (protection(root, ds, "salm"),) if method == "clean" and seed == 0 else ()
+                    victim(root, ds, protection(root, ds, method), method, seed=seed, readers=readers)
         elif args.stage == "countermeasures":
             for cms in args.countermeasures:
                 for name in args.protected:  # a method, or a copy an earlier stage made (e.g. salm_k0.2)

@@ -7,6 +7,7 @@ class folder of 3D DICOM series folders goes through the same bundle runs, and a
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ from monai_salm.cli import main
 from monai_salm.data import to_tensor
 from monai_salm.engines import load_protection
 from monai_salm.io import read_image, read_manifest, sha256_file
-from monai_salm.transforms.functional import resolve_k, topk_mask
+from monai_salm.transforms.functional import epsilon_for_psnr, resolve_k, topk_mask
 from monai_salm.workflows import (
     BundleNoiseGenerator,
     load_train_val,
@@ -233,11 +234,15 @@ def test_documented_commands(tmp_path):
               "--dataset_dir", str(data), "--ckpt_path", str(ckpt)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "train.json"), *common,
-             "--max_epochs", "1", "--batch_size", "4", "--warmup_epochs", "0", "--generator_channels", "[4,8,16]"]
+             "--max_epochs", "1", "--batch_size", "4", "--warmup_epochs", "0", "--generator_channels", "[4,8,16]",
+             "--psnr", "30"]
     res = subprocess.run(train, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "val_protected_accuracy" in res.stdout and "train_loss" in res.stdout
     assert ckpt.is_file() and not (bundle / "models" / "model.pt").exists()
+    settings = load_protection(ckpt)[0]  # epsilon from --psnr 30, whole 8-bit steps
+    exact = epsilon_for_psnr(30.0, settings.k, math.prod(settings.image_size))
+    assert settings.epsilon == pytest.approx(math.floor(exact * 255) / 255)
     infer = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "inference.json"), *common,
              "--output_dir", str(out)]
     res = subprocess.run(infer, capture_output=True, text=True, env=env)
@@ -251,6 +256,7 @@ def test_documented_commands(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((report_dir / "report.json").read_text())
     assert report["recipe"]["network"] == "vit" and report["train_data"] == str(out) and len(report["history"]) == 1
+    assert report["recipe"]["name"] == "competent" and report["selected_by"] == "protected_val"  # 10% held out
     assert {"summary.md", "learning_curves.png"} <= set(relative_files(report_dir))
 
 
