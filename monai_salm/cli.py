@@ -13,7 +13,16 @@ import numpy as np
 import torch
 
 from monai_salm.api import DEFAULTS, protect_tensor, protection_stats, train_salm
-from monai_salm.data import SPLITS, changed_pixel_fraction, from_tensor, load_npz, save_npz, split_arrays, to_tensor
+from monai_salm.data import (
+    SPLITS,
+    changed_pixel_fraction,
+    from_tensor,
+    load_npz,
+    save_npz,
+    split_arrays,
+    structural_similarity,
+    to_tensor,
+)
 from monai_salm.engines import load_protection, save_protection
 from monai_salm.evaluation import COUNTERMEASURES, RECIPES
 from monai_salm.networks import CLASSIFIERS
@@ -145,9 +154,10 @@ def _npz_output(args: argparse.Namespace) -> Path:
 
 
 def _release_stats(clean: np.ndarray, protected: np.ndarray) -> dict:
-    """PSNR, maximum change and changed-pixel fraction of a released split (uint8: 0-255, float: 0-1)."""
+    """PSNR, SSIM, maximum change and changed-pixel fraction of a released split (uint8: 0-255, float: 0-1)."""
     stats = protection_stats(clean, protected, 255.0 if clean.dtype == np.uint8 else 1.0)
     stats["changed_pixel_fraction"] = changed_pixel_fraction(clean, protected)
+    stats["ssim"] = structural_similarity(clean, protected)
     return stats
 
 
@@ -194,7 +204,7 @@ def _protect(args: argparse.Namespace) -> dict:
         s = report[split]
         print(
             f"{split}: changed pixels {s['changed_pixel_fraction']:.4f}, max change {s['max_abs_change']:.1f}, "
-            f"PSNR {s['psnr_db']:.2f} dB"
+            f"PSNR {s['psnr_db']:.2f} dB, SSIM {s['ssim']:.4f}"
         )
     print(json.dumps({"out": str(out), **report}))
     return report

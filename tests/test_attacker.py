@@ -10,6 +10,7 @@ import torch
 
 from monai_salm.api import protection_stats, train_salm
 from monai_salm.cli import main
+from monai_salm.data import structural_similarity
 from monai_salm.engines import load_protection, protection_transforms
 from monai_salm.evaluation import RECIPES, classification_metrics, train_victim
 from monai_salm.evaluation.victim import predict_probabilities, recipe_epochs, select_epoch
@@ -106,13 +107,24 @@ def test_train_psnr_budget_and_whole_release(tmp_path, capsys):
         for split in ("train", "val", "test"):
             clean, prot = arrays[f"{split}_images"].astype(int), f[f"{split}_images"].astype(int)
             assert (clean != prot).any() and np.abs(clean - prot).max() <= round(settings.epsilon * 255)
-            assert report[split]["psnr_db"] >= 34.0
+            assert report[split]["psnr_db"] >= 34.0 and 0.5 < report[split]["ssim"] < 1.0
     only_train = tmp_path / "train_only.npz"
     assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(only_train), "--splits",
                  "train", "--quiet"]) == 0
     with np.load(only_train) as f:
         np.testing.assert_array_equal(f["test_images"], arrays["test_images"])
         np.testing.assert_array_equal(f["val_images"], arrays["val_images"])
+
+
+def test_structural_similarity():
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 256, (6, 16, 16), dtype=np.uint8)
+    assert structural_similarity(clean, clean) == pytest.approx(1.0)
+    noisy = np.clip(clean.astype(int) + rng.integers(-40, 41, clean.shape), 0, 255).astype(np.uint8)
+    mild = np.clip(clean.astype(int) + rng.integers(-4, 5, clean.shape), 0, 255).astype(np.uint8)
+    assert structural_similarity(clean, noisy) < structural_similarity(clean, mild) < 1.0
+    volumes = rng.integers(0, 256, (2, 12, 12, 12), dtype=np.uint8)
+    assert structural_similarity(volumes, volumes) == pytest.approx(1.0)
 
 
 def test_evaluate_reports_selection_release_and_readers(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["SPLITS", "load_npz", "split_arrays", "is_rgb", "changed_pixel_fraction", "to_tensor", "from_tensor", "save_npz"]
+__all__ = ["SPLITS", "load_npz", "split_arrays", "is_rgb", "changed_pixel_fraction", "structural_similarity", "to_tensor", "from_tensor", "save_npz"]
 
 SPLITS = ("train", "val", "test")
 
@@ -79,6 +79,25 @@ def split_arrays(arrays: dict[str, np.ndarray], split: str) -> tuple[np.ndarray,
 def is_rgb(images: np.ndarray) -> bool:
     """MedMNIST convention: a trailing axis of 3 on 4-D arrays is colour, otherwise 4-D is 3D grey."""
     return images.ndim == 4 and images.shape[-1] == 3
+
+
+def structural_similarity(clean: np.ndarray, protected: np.ndarray, batch_size: int = 512) -> float:
+    """Mean SSIM (MONAI ``SSIMMetric``, Gaussian window of 7, sigma 1.5) between two MedMNIST arrays, in [0, 1] units.
+
+    Args:
+        clean: original array (``(N,H,W)``, ``(N,H,W,3)`` or ``(N,D,H,W)``; uint8 or float in [0, 1]).
+        protected: the protected copy, same shape and dtype.
+        batch_size: images per metric call.
+
+    Returns:
+        the SSIM averaged over channels and images (1.0 for identical arrays).
+    """
+    from monai.metrics import SSIMMetric
+
+    a, b = to_tensor(clean), to_tensor(protected)
+    metric = SSIMMetric(spatial_dims=a.ndim - 2, data_range=1.0, win_size=7)
+    values = [metric(b[i : i + batch_size], a[i : i + batch_size]).flatten() for i in range(0, len(a), batch_size)]
+    return float(torch.cat(values).mean()) if values else 1.0
 
 
 def changed_pixel_fraction(clean: np.ndarray, protected: np.ndarray) -> float:
