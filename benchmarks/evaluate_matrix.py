@@ -91,14 +91,13 @@ def victim(root: Path, ds: str, train: Path, name: str, net: str = "resnet18", c
            seed: int = 0, readers: tuple[Path, ...] = ()) -> None:
     """Train and test one competent victim unless its report exists; append the result to ``results.jsonl``."""
     out = root / ds / "victims" / f"{name}__{net}__{cms.replace(',', '+') or 'none'}" f"{f'__seed{seed}' if seed else ''}"
-    if (out / "report.json").exists():
-        return
     cmd = ["monai-salm", "evaluate", "--train", str(train), "--test", str(root / ds / "data.npz"), "--victim", net,
            "--out", str(out), "--seed", str(seed), "--threads", "1", "--quiet"]
     budget = epochs or EPOCHS[ds]
     cmd += ["--epochs", str(budget)] if budget else []
     cmd += ["--reader-data", *map(str, readers)] if readers else []
-    run([*cmd, *(["--countermeasure", cms] if cms else [])], out.with_suffix(".log"))
+    if not (out / "report.json").exists():
+        run([*cmd, *(["--countermeasure", cms] if cms else [])], out.with_suffix(".log"))
     report = json.loads((out / "report.json").read_text())
     row = {"dataset": ds, "method": name, "victim": net, "countermeasures": cms or "none", "seed": seed,
            **{k: report.get(k) for k in ("selected_accuracy", "selected_balanced_accuracy", "selected_auc",
@@ -106,7 +105,7 @@ def victim(root: Path, ds: str, train: Path, name: str, net: str = "resnet18", c
                                          "balanced_accuracy", "auc", "best_accuracy", "best_auc",
                                          "per_class_accuracy", "train_seconds", "recipe", "reader")},
            "history": report["history"], "report": str(out / "report.json")}
-    with open(root / "results.jsonl", "a") as f:
+    with open(root / "results.jsonl", "a") as f:  # the report reads the last row of each cell
         f.write(json.dumps(row) + "\n")
 
 

@@ -23,12 +23,12 @@ __all__ = ["DEFAULTS", "make_dataset", "train_salm", "protect_tensor", "protecti
 
 #: Defaults chosen by the sweep in docs/results.md.
 DEFAULTS: dict[str, Any] = {
-    "k": 0.05,
-    "epsilon": 28 / 255,
+    "k": 0.1,
+    "epsilon": 20 / 255,
     "psnr": 32.0,
     "mask_mode": "class",
     "flip_symmetric": True,
-    "block": 1,
+    "block": 4,
     "label_conditioned": True,
     "class_pattern": True,
     "mask_refresh": 1,

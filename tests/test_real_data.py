@@ -25,7 +25,8 @@ def test_train_protect_budget_on_real_data(tmp_path, name, k, eps):
     data = _require(name)
     ckpt, out = tmp_path / "salm.pt", tmp_path / "protected.npz"
     assert main(["train", "--data", str(data), "--out", str(ckpt), "--limit", "256", "--epochs", "1", "--k", str(k), "--eps", eps, "--quiet"]) == 0
-    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--quiet"]) == 0
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--splits", "train",
+                 "--quiet"]) == 0
     with np.load(data) as f, np.load(out) as g:
         clean, prot = f["train_images"], g["train_images"]
         assert np.array_equal(f["test_images"], g["test_images"])
@@ -49,11 +50,12 @@ def test_evaluation_harness_on_breastmnist(tmp_path):
     reports = {}
     for name, train, cms in (("clean", data, ""), ("salm", prot, ""), ("noise", noise, ""), ("median", prot, "median")):
         out = tmp_path / name
-        args = ["evaluate", "--train", str(train), "--test", str(data), "--out", str(out), "--quiet"]
+        args = ["evaluate", "--train", str(train), "--test", str(data), "--out", str(out), "--epochs", "20", "--quiet"]
         assert main(args + (["--countermeasure", cms] if cms else [])) == 0
         reports[name] = json.loads((out / "report.json").read_text())
         assert (out / "learning_curves.png").stat().st_size > 1000 and len(reports[name]["history"]) == 20
-    assert reports["clean"]["best_auc"] >= 0.8  # the recipe learns BreastMNIST (MedMNIST v2 ResNet-18: 0.90)
-    assert reports["salm"]["auc"] < reports["clean"]["auc"] - 0.05  # protection degrades the victim
-    assert reports["salm"]["auc"] < reports["noise"]["auc"]  # and beats uniform noise in the same masks
+    # the competent attacker learns BreastMNIST (MedMNIST v2 ResNet-18: 0.90) at its validation-selected epoch
+    assert reports["clean"]["selected_auc"] >= 0.8
+    assert reports["salm"]["selected_auc"] < reports["clean"]["selected_auc"] - 0.1  # protection holds at that epoch
+    assert reports["salm"]["selected_auc"] < reports["noise"]["selected_auc"]  # and beats uniform noise in its masks
     assert reports["median"]["countermeasures"] == ["median:3"]
