@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from monai_salm.api import DEFAULTS
+
 #: the evaluation data sets (benchmarks/eval_data.py)
 DATASETS = ("breast", "retina", "pneumonia", "blood", "adrenal")
 #: victim epochs when --epochs is not given: None is the competent recipe's own budget (100 epochs, at most 4000
@@ -167,8 +169,8 @@ def main() -> None:
                 victim(root, ds, protected, "salm_robust", cms=cms)
         elif args.stage == "equal_psnr":
             # SALM changes a fraction k of the pixels by up to eps, full-image EM every pixel: EM's squared error
-            # matches SALM's at eps * sqrt(k) (defaults: 28/255 * sqrt(0.05) = 6.3/255)
-            eps = f"{28 * 0.05 ** 0.5:.2f}/255"
+            # matches SALM's at eps * sqrt(k) (defaults: 20/255 * sqrt(0.1) = 6.3/255)
+            eps = f"{DEFAULTS['epsilon'] * 255 * DEFAULTS['k'] ** 0.5:.2f}/255"
             victim(root, ds, protection(root, ds, "em", ("--eps", eps), tag="em_equal_psnr"), "em_equal_psnr")
         elif args.stage == "dense":
             # denser masks against the filters that undo the default: k=0.2 at the default eps, and at the eps

@@ -26,7 +26,8 @@ from monai_salm.evaluation import markdown_table, plot_image_grid, plot_learning
 NAMES = {
     "clean": "clean (authorized user)",
     "salm": "SALM (default)",
-    "salm_pixel": "SALM, single-pixel class mask (previous default)",
+    "salm_pixel": "SALM, single-pixel class mask, k=0.05, eps 28/255",
+    "salm_k20": "SALM, 4x4 cells, k=0.2, eps 14/255",
     "random_noise": "uniform noise in SALM's mask",
     "random_mask": "random-mask SALM",
     "em": "full-image EM",

@@ -32,7 +32,7 @@ __all__ = ["RECIPES", "VICTIM_RECIPE", "classification_metrics", "recipe_epochs"
 #: ResNet-18 training (Adam 1e-3, learning rate x0.1 at 50% and 75% of the budget, batch 128 in 2D and 32 in 3D,
 #: 100 epochs, model selected on validation AUC) with standard augmentation (random flips on every axis and random
 #: shifts of up to 2 pixels/voxels), its budget capped at ``max_steps`` optimizer steps on large sets. ``quick`` is
-#: the short recipe used before it (20 epochs, cosine, flips, final epoch), kept for fast checks.
+#: a short recipe for fast checks (20 epochs, cosine, flips); it under-trains and so overstates protection.
 RECIPES: dict[str, dict] = {
     "competent": {
         "network": "resnet18",
