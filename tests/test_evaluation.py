@@ -168,6 +168,7 @@ def test_evaluate_cli_class_folders(tmp_path):
     report = json.loads((out / "report.json").read_text())
     # no validation split in a class folder: the attacker holds out a stratified 10% (one image per class here)
     assert report["train_n"] == 10 and report["validation"] == {"protected_val": 2}
+    assert report["release_splits"] == {"class folder": 12}
     assert report["test_n"] == 12 and report["recipe"]["network"] == "efficientnet-b0"
     assert report["selected_by"] == "protected_val" and report["selected_epoch"] == 1
 

@@ -23,8 +23,9 @@ def _test_splits(source: Path) -> tuple[str, ...]:
     return ("test",) if full_suffix(source) in (".npz", ".json") else ("training",)
 
 
-def release_splits(source: Path) -> dict[str, int]:
-    """The splits a release holds, with their sizes: what an attacker who downloads it receives."""
+def release_splits(source: Path, images: int) -> dict[str, int]:
+    """The splits a release holds, with their sizes: what an attacker who downloads it receives (a class folder:
+    its ``images``)."""
     suffix = full_suffix(source)
     if suffix == ".npz":
         with np.load(source, allow_pickle=False) as f:
@@ -32,7 +33,7 @@ def release_splits(source: Path) -> dict[str, int]:
     if suffix == ".json":
         data = json.loads(source.read_text())
         return {k: len(v) for k, v in data.items() if isinstance(v, list)}
-    return {"class folder": sum(1 for p in source.rglob("*") if p.is_file())}
+    return {"class folder": images}
 
 
 #: share of the training images an attacker holds out for validation when the release has no validation split
@@ -118,6 +119,7 @@ def run_evaluation(
         raise ValueError(f"val_from must be both, protected, clean or none, got {val_from!r}.")
     train, test_path = Path(train), Path(test)
     train_data = load_training_arrays(train, intensity, ("training",), limit=limit)
+    received = release_splits(train, len(train_data.labels))
     test_data = load_training_arrays(test_path, train_data.scaling, _test_splits(test_path), reference=train_data)
     train_data, val_sets = _validation_sets(train, test_path, train_data, val_from, seed)
     num_classes = max(train_data.num_classes, test_data.num_classes)
@@ -137,7 +139,7 @@ def run_evaluation(
     model = report.pop("model", None)
     if readers:
         report["reader"] = {path: reader_accuracy(model, test_data, copy, device) for path, copy in readers.items()}
-    report.update(release_splits=release_splits(train), train_data=str(train), test_data=str(test),
+    report.update(release_splits=received, train_data=str(train), test_data=str(test),
                   train_n=len(train_data.labels),
                   test_n=len(test_data.labels), num_classes=num_classes,
                   validation={name: len(labels) for name, (_, labels) in val_sets.items()})
