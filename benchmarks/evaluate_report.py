@@ -146,9 +146,9 @@ def main() -> None:
                          "final": headline(runs, binary, "final")[0], "peak": headline(runs, binary, "best")[0],
                          "target met": "–" if method == "clean" else ("yes" if sel[0] <= target else "no"),
                          "PSNR dB": p.get("psnr"), "SSIM": p.get("ssim"), "changed %": p.get("changed"),
-                         "protect s": None if p.get("seconds") is None else round(p["seconds"])})
+                         "train+protect s": None if p.get("seconds") is None else round(p["seconds"])})
     out.append(markdown_table(rows, ["dataset", "method", "headline", "final", "peak", "target met", "PSNR dB",
-                                     "SSIM", "changed %", "protect s"]))
+                                     "SSIM", "changed %", "train+protect s"]))
 
     # ---- countermeasures
     cms = sorted({k[3] for k in index if k[3] != "none"})
