@@ -138,7 +138,8 @@ def run_evaluation(
     )
     model = report.pop("model", None)
     if readers:
-        report["reader"] = {path: reader_accuracy(model, test_data, copy, device) for path, copy in readers.items()}
+        clean_metrics = classification_metrics(predict_probabilities(model, test_data.images, device), test_data.labels)
+        report["reader"] = {path: reader_accuracy(model, clean_metrics, copy, device) for path, copy in readers.items()}
     report.update(release_splits=received, train_data=str(train), test_data=str(test),
                   train_n=len(train_data.labels),
                   test_n=len(test_data.labels), num_classes=num_classes,
@@ -147,9 +148,8 @@ def run_evaluation(
     return report
 
 
-def reader_accuracy(model, clean, protected, device: str = "cpu") -> dict:
-    """Accuracy/AUC of ``model`` on the clean test images and on their protected copies, and the difference."""
-    clean_metrics = classification_metrics(predict_probabilities(model, clean.images, device), clean.labels)
+def reader_accuracy(model, clean_metrics: dict, protected, device: str = "cpu") -> dict:
+    """Accuracy/AUC of ``model`` on protected test images next to ``clean_metrics`` (its metrics on the originals)."""
     protected_metrics = classification_metrics(predict_probabilities(model, protected.images, device), protected.labels)
     return {
         "clean_accuracy": clean_metrics["accuracy"],
