@@ -17,7 +17,15 @@ from tqdm.auto import tqdm
 from monai_salm.engines import FreshModelMonitor, SALMSettings, SALMTrainer
 from monai_salm.evaluation.countermeasures import differentiable_view
 from monai_salm.networks import NoiseGenerator, build_classifier
-from monai_salm.transforms.functional import call_generator, perturb, resolve_k, saliency_scores, topk_mask
+from monai_salm.transforms.functional import (
+    call_generator,
+    perturb,
+    resize_images,
+    resolve_k,
+    saliency_scores,
+    to_grid,
+    topk_mask,
+)
 
 __all__ = ["DEFAULTS", "make_dataset", "train_salm", "protect_tensor", "protection_stats"]
 
@@ -181,17 +189,32 @@ def protect_tensor(
     labels: torch.Tensor,
     settings: SALMSettings,
     generator: torch.nn.Module,
-    surrogate: torch.nn.Module,
+    surrogate: torch.nn.Module | None,
     class_scores: torch.Tensor | None = None,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Protect images with a trained generator: one saliency gradient and one generator pass each.
+    """Protect images with a trained generator: one saliency gradient (or class mask) and one generator pass each.
+
+    The images may have any spatial size. Mask and generator work on the checkpoint's working grid
+    (``settings.image_size``): images of another size are resampled onto it (:func:`resize_images`), and the
+    bounded change is mapped back onto their own grid by nearest neighbour (:func:`perturb`), so the release keeps
+    the native size and the guarantees hold there (no change outside the mask, at most epsilon inside).
+
+    Args:
+        images: ``(N, C, *spatial)`` images in ``settings.value_range``, all of one size (any size).
+        labels: ``(N,)`` class indices.
+        settings, generator, surrogate, class_scores: the checkpoint's (:func:`monai_salm.engines.load_protection`);
+            ``surrogate`` may be ``None`` for the ``class`` and ``random`` mask modes.
+        batch_size: images per forward pass.
+        device: torch device.
+        seed: seed of the ``random`` mask mode.
+        progress: show a progress bar.
 
     Returns:
-        ``(protected, masks)`` on the CPU; masks are ``(N, 1, *spatial)`` bool.
+        ``(protected, masks)`` on the CPU, at the images' own size; masks are ``(N, 1, *spatial)`` bool.
 
     Raises:
         ValueError: when the images do not match the checkpoint (dims, channels, labels).
@@ -200,26 +223,30 @@ def protect_tensor(
         raise ValueError(f"checkpoint is {settings.spatial_dims}D but the images are {images.ndim - 2}D.")
     if images.shape[1] != settings.in_channels:
         raise ValueError(f"checkpoint expects {settings.in_channels} channel(s), the images have {images.shape[1]}.")
-    if settings.mask_mode == "class" and tuple(images.shape[2:]) != tuple(settings.image_size):
-        raise ValueError(f"images are {tuple(images.shape[2:])} but the checkpoint's class masks are {settings.image_size}.")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= settings.num_classes):
         raise ValueError(f"labels must lie in [0, {settings.num_classes}) for this checkpoint.")
-    generator, surrogate = generator.to(device).eval(), surrogate.to(device).eval()
+    if settings.mask_mode == "sample" and surrogate is None:
+        raise ValueError("per-image saliency masks (mask_mode 'sample') need the surrogate, and this checkpoint has "
+                         "none (a slim release checkpoint only serves the 'class' and 'random' mask modes).")
+    generator = generator.to(device).eval()
+    surrogate = None if surrogate is None else surrogate.to(device).eval()
+    work = tuple(settings.image_size)
     rng = torch.Generator().manual_seed(seed)
     outs, masks = [], []
     for start in tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc="protect"):
         x = images[start : start + batch_size].to(device).float()
         y = labels[start : start + batch_size].to(device).long()
+        xw = resize_images(x, work)
         if settings.mask_mode == "class":
             mask = topk_mask(class_scores.to(device)[y], settings.k)
         elif settings.mask_mode == "random":
-            mask = topk_mask(torch.rand(x.shape[0], *x.shape[2:], generator=rng).to(device), settings.k)
+            mask = topk_mask(torch.rand(x.shape[0], *work, generator=rng).to(device), settings.k)
         else:
-            mask = topk_mask(saliency_scores(surrogate, x, y), settings.k)
+            mask = topk_mask(saliency_scores(surrogate, xw, y), settings.k)
         with torch.no_grad():
-            raw = call_generator(generator, x, y)
+            raw = call_generator(generator, xw, y)
         outs.append(perturb(x, mask, raw, settings.epsilon, settings.value_range).cpu())
-        masks.append(mask.bool().cpu())
+        masks.append(to_grid(mask.bool(), x.shape[2:]).cpu())
     return torch.cat(outs), torch.cat(masks)
 
 

@@ -65,7 +65,8 @@ def _set_threads(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> dict:
     from monai_salm.workflows import has_validation, load_training_arrays, resolve_epsilon
 
-    data = load_training_arrays(args.data, args.intensity, ("training",), limit=args.limit or None)
+    data = load_training_arrays(args.data, args.intensity, ("training",), limit=args.limit or None,
+                                work_size=args.work_size)
     x, labels = data.images, data.labels
     args.eps = resolve_epsilon(args.eps, args.psnr, args.k, x.shape[2:], data.scaling)
     val = None
@@ -79,7 +80,7 @@ def _train(args: argparse.Namespace) -> dict:
         raise CLIError(f"{args.data}: labels go up to {int(labels.max())} but --num-classes is {num_classes}.")
     scaling = data.scaling
     print(
-        f"train: {len(x)} images {tuple(x.shape[1:])}, {num_classes} classes, k={args.k}, eps={args.eps:.4f} "
+        f"train: {len(x)} images {tuple(x.shape[1:])} (working grid), {num_classes} classes, k={args.k}, eps={args.eps:.4f} "
         f"({scaling.epsilon_in_units(args.eps):.4g} in original units), mask={args.mask_mode}, "
         f"intensity={scaling.to_dict()}"
     )
@@ -128,6 +129,21 @@ def _train(args: argparse.Namespace) -> dict:
     }
     print(json.dumps(summary))
     return summary
+
+
+def _slim(args: argparse.Namespace) -> dict:
+    from monai_salm.engines import slim_protection
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out}: already exists (pass --overwrite to replace it).")
+    slim_protection(args.checkpoint, out)
+    report = {"checkpoint": str(args.checkpoint), "out": str(out), "bytes": out.stat().st_size,
+              "full_bytes": Path(args.checkpoint).stat().st_size}
+    print(f"release checkpoint {out}: {report['bytes'] / 1e6:.2f} MB (full checkpoint {report['full_bytes'] / 1e6:.2f} "
+          "MB); it protects exactly as the full one, without the surrogate.")
+    print(json.dumps(report))
+    return report
 
 
 def _check_npz_scaling(args: argparse.Namespace, settings, dtype: np.dtype) -> None:
@@ -268,7 +284,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
         args.train, args.test, args.out, victim=args.victim, epochs=args.epochs, intensity=args.intensity,
         limit=args.limit or None, countermeasures=args.countermeasure, seed=args.seed, device=args.device,
         progress=not args.quiet, recipe=args.recipe, val_from=args.val_from, reader_data=args.reader_data,
-        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        input_size=args.victim_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
         flips=args.flips, shift=args.shift, schedule=args.schedule,
     )
     cms = ", ".join(report["countermeasures"]) or "none"
@@ -368,7 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train SALM's surrogate and generator on a labelled dataset")
     p.add_argument("--data", required=True,
                    help="MedMNIST-format .npz (train split), MONAI datalist .json ('training' list) or a folder with "
-                        "one subfolder per class (NIfTI, DICOM, PNG/JPEG, NRRD/MHA; all images one size)")
+                        "one subfolder per class (NIfTI, DICOM, PNG/JPEG, NRRD/MHA; any sizes, see --work-size)")
+    p.add_argument("--work-size", default=None,
+                   help="working grid SALM trains on, e.g. 64 or 256,256 or 128,128,64: every image is resampled onto "
+                        "it as it is read, so training cost follows the grid, not the native size; the checkpoint "
+                        "then protects scans of any size at their own resolution (default: the images' size when "
+                        "they share one, otherwise the per-axis median)")
     p.add_argument("--intensity", default="auto",
                    help="intensity scaling to [0, 1], stored in the checkpoint: window:LO:HI (e.g. CT "
                         "window:-1000:1000), range:LO:HI, percentile:P:Q, or auto (default: the stored type's range "
@@ -425,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=_protect)
 
+    p = sub.add_parser("slim", help="write a release checkpoint without the surrogate (class and random masks)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train")
+    p.add_argument("--out", required=True, help="release checkpoint to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_slim)
+
     p = sub.add_parser("demo", help="offline end-to-end run on the embedded dataset: build, train, protect, summarise")
     p.add_argument("--out", default="salm_demo", help="output folder (default: salm_demo)")
     p.add_argument("--epochs", type=int, default=3)
@@ -446,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="victim recipe: competent (default; MedMNIST v2 ResNet protocol with flips and shifts, "
                         "budget capped at 4000 steps, epoch selected on validation AUC) or quick (20 epochs, cosine)")
     p.add_argument("--victim", default=None, choices=CLASSIFIERS, help="victim network (default: resnet18)")
+    p.add_argument("--victim-size", default=None,
+                   help="the attacker's input size, e.g. 32 or 64,64,64: training, validation and test images are "
+                        "resampled onto it first (default: the images' own size; needed when they differ)")
     p.add_argument("--epochs", type=int, default=None, help="default: the recipe's budget for this data size")
     p.add_argument("--optimizer", default=None, choices=("adam", "adamw", "sgd"))
     p.add_argument("--lr", type=float, default=None)

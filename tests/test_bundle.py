@@ -487,7 +487,8 @@ def test_cli_bad_dataset(tmp_path, capsys, png_checkpoint, case):
         err = capsys.readouterr().err.strip()
         assert err.startswith("monai-salm: error:") and name in err and len(err.splitlines()) == 1
         assert not ckpt.exists()
-    if case == "size":  # protecting with sample masks would be fine; class masks need the trained size
+    if case == "size":  # only training needs one size (the working grid); any size is protected at its own
+        assert "--work-size" in err
         return
     protect = ["protect", "--checkpoint", str(png_checkpoint), "--data", str(data), "--out", str(out), "--quiet"]
     assert main(protect) == 2

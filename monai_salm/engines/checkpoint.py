@@ -17,7 +17,14 @@ from monai_salm.networks import NoiseGenerator, build_classifier
 from monai_salm.transforms import ApplyUnlearnableNoised, SaliencyMaskd
 from monai_salm.transforms.functional import epsilon_for_psnr
 
-__all__ = ["SALMSettings", "save_protection", "load_protection", "protection_transforms", "CHECKPOINT_FORMAT"]
+__all__ = [
+    "SALMSettings",
+    "save_protection",
+    "load_protection",
+    "slim_protection",
+    "protection_transforms",
+    "CHECKPOINT_FORMAT",
+]
 
 CHECKPOINT_FORMAT = "monai-salm-checkpoint/1"
 
@@ -30,7 +37,8 @@ class SALMSettings:
         spatial_dims: 2 or 3.
         in_channels: image channels.
         num_classes: number of classes.
-        image_size: spatial size the generator/surrogate were trained on.
+        image_size: the working grid: the spatial size the generator/surrogate were trained on. Images of any other
+            size are protected on this grid and the change is mapped back onto their own.
         epsilon: L-infinity budget in ``value_range`` units.
         k: sparsity (fraction or count).
         value_range: range of the scaled images.
@@ -61,11 +69,14 @@ def save_protection(
     path: str | os.PathLike,
     settings: SALMSettings,
     generator: torch.nn.Module,
-    surrogate: torch.nn.Module,
+    surrogate: torch.nn.Module | None,
     class_scores: torch.Tensor | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint atomically (temporary file in the same folder, then rename).
+
+    ``surrogate=None`` writes a release checkpoint without the surrogate's weights, which only the per-image
+    (``sample``) mask mode needs (see :func:`slim_protection`).
 
     Returns:
         the path written.
@@ -76,7 +87,7 @@ def save_protection(
         "format": CHECKPOINT_FORMAT,
         "settings": dataclasses.asdict(settings),
         "generator": {k: v.detach().cpu() for k, v in generator.state_dict().items()},
-        "surrogate": {k: v.detach().cpu() for k, v in surrogate.state_dict().items()},
+        "surrogate": None if surrogate is None else {k: v.detach().cpu() for k, v in surrogate.state_dict().items()},
         "class_scores": None if class_scores is None else class_scores.detach().cpu(),
         "extra": extra or {},
     }
@@ -87,11 +98,12 @@ def save_protection(
 
 def load_protection(
     path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[SALMSettings, torch.nn.Module, torch.nn.Module, torch.Tensor | None]:
+) -> tuple[SALMSettings, torch.nn.Module, torch.nn.Module | None, torch.Tensor | None]:
     """Load a checkpoint written by :func:`save_protection`.
 
     Returns:
-        ``(settings, generator, surrogate, class_scores)``, networks in eval mode on ``device``.
+        ``(settings, generator, surrogate, class_scores)``, networks in eval mode on ``device``; ``surrogate`` is
+        ``None`` for a slim release checkpoint.
 
     Raises:
         ValueError: when the file is not a monai-salm checkpoint.
@@ -113,9 +125,40 @@ def load_protection(
         **settings.generator,
     )
     generator.load_state_dict(payload["generator"])
-    surrogate = build_classifier(settings.surrogate, settings.spatial_dims, settings.in_channels, settings.num_classes)
-    surrogate.load_state_dict(payload["surrogate"])
-    return settings, generator.to(device).eval(), surrogate.to(device).eval(), payload.get("class_scores")
+    surrogate = None
+    if payload.get("surrogate") is not None:
+        surrogate = build_classifier(settings.surrogate, settings.spatial_dims, settings.in_channels,
+                                     settings.num_classes)
+        surrogate.load_state_dict(payload["surrogate"])
+        surrogate = surrogate.to(device).eval()
+    return settings, generator.to(device).eval(), surrogate, payload.get("class_scores")
+
+
+def slim_protection(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a release checkpoint: ``path`` without the surrogate's weights.
+
+    Class-level and random masks never use the surrogate, so the slim checkpoint protects exactly as the full one
+    (same bytes out) at a fraction of its size; the per-image ``sample`` mask mode needs the surrogate's gradient
+    and is refused.
+
+    Args:
+        path: a checkpoint written by :func:`save_protection`.
+        out: where the release checkpoint goes (not ``path``).
+
+    Returns:
+        the path written.
+
+    Raises:
+        ValueError: for an unreadable checkpoint, a ``sample``-mode one, or ``out`` equal to ``path``.
+    """
+    if Path(out).resolve() == Path(path).resolve():
+        raise ValueError(f"{out}: the release checkpoint must not replace the checkpoint it is made from.")
+    settings, generator, _, class_scores = load_protection(path)
+    if settings.mask_mode == "sample":
+        raise ValueError(f"{path}: per-image saliency masks (mask_mode 'sample') need the surrogate's gradient; "
+                         "only 'class' and 'random' checkpoints have a slim release form.")
+    extra = torch.load(path, map_location="cpu", weights_only=True).get("extra", {})
+    return save_protection(out, settings, generator, None, class_scores, extra={**extra, "slim": True})
 
 
 def protection_transforms(
@@ -128,7 +171,8 @@ def protection_transforms(
 ) -> Compose:
     """Ready-to-use ``Compose([SaliencyMaskd, ApplyUnlearnableNoised])`` from a checkpoint.
 
-    Images given to it must already be channel-first and scaled to the checkpoint's ``value_range``.
+    Images given to it must already be channel-first and scaled to the checkpoint's ``value_range``; they may have
+    any spatial size (mask and noise are made on the checkpoint's working grid and mapped onto each image's own).
 
     Args:
         path: checkpoint written by :func:`save_protection`.
@@ -157,6 +201,7 @@ def protection_transforms(
                 k=settings.k,
                 mask_key=mask_key,
                 class_scores=class_scores if settings.mask_mode == "class" else None,
+                work_size=settings.image_size,
             ),
             ApplyUnlearnableNoised(
                 keys,
@@ -165,6 +210,7 @@ def protection_transforms(
                 epsilon=epsilon,
                 label_key=label_key if settings.label_conditioned else None,
                 value_range=settings.value_range,
+                work_size=settings.image_size,
             ),
         ]
     )

@@ -11,7 +11,9 @@ from monai_salm.transforms.functional import (
     call_generator,
     epsilon_for_psnr,
     perturb,
+    resize_images,
     resolve_k,
     saliency_scores,
+    to_grid,
     topk_mask,
 )

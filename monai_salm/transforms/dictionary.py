@@ -31,6 +31,7 @@ class SaliencyMaskd(MapTransform):
         mask_key: where the ``(1, *spatial)`` mask is written.
         eval_mode: score with the model in eval mode.
         class_scores: optional class-level score maps, see :class:`SaliencyMask`.
+        work_size: spatial size the model scores at, see :class:`SaliencyMask`.
         allow_missing_keys: skip silently when no image key is present.
     """
 
@@ -45,12 +46,13 @@ class SaliencyMaskd(MapTransform):
         mask_key: str = "salm_mask",
         eval_mode: bool = True,
         class_scores: torch.Tensor | None = None,
+        work_size: Sequence[int] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.label_key = label_key
         self.mask_key = mask_key
-        self.masker = SaliencyMask(model, k, eval_mode=eval_mode, class_scores=class_scores)
+        self.masker = SaliencyMask(model, k, eval_mode=eval_mode, class_scores=class_scores, work_size=work_size)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
@@ -72,6 +74,7 @@ class ApplyUnlearnableNoised(MapTransform):
         epsilon: L-infinity bound in the units of ``value_range``.
         label_key: key of the class index, required for label-conditioned generators.
         value_range: ``(lo, hi)`` of the scaled images.
+        work_size: spatial size the generator runs at, see :class:`ApplyUnlearnableNoise`.
         allow_missing_keys: skip missing image keys.
     """
 
@@ -85,6 +88,7 @@ class ApplyUnlearnableNoised(MapTransform):
         epsilon: float = 8 / 255,
         label_key: str | None = None,
         value_range: Sequence[float] = (0.0, 1.0),
+        work_size: Sequence[int] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -92,7 +96,7 @@ class ApplyUnlearnableNoised(MapTransform):
             raise ValueError("ApplyUnlearnableNoised needs a generator.")
         self.mask_key = mask_key
         self.label_key = label_key
-        self.noiser = ApplyUnlearnableNoise(generator, epsilon, value_range)
+        self.noiser = ApplyUnlearnableNoise(generator, epsilon, value_range, work_size=work_size)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)

@@ -18,6 +18,8 @@ __all__ = [
     "saliency_scores",
     "topk_mask",
     "block_average",
+    "resize_images",
+    "to_grid",
     "perturb",
     "call_generator",
     "preserve_model_state",
@@ -224,6 +226,55 @@ def call_generator(generator: torch.nn.Module, images: torch.Tensor, labels: tor
     return out
 
 
+def resize_images(images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resample a batch onto the working grid ``size`` (returned unchanged when it already has that size).
+
+    Shrinking every axis averages the covered area (``mode="area"``, so no aliasing); otherwise the images are
+    interpolated linearly (``bilinear``/``trilinear``, ``align_corners=False``).
+
+    Args:
+        images: ``(B, C, *spatial)`` float tensor, 2 or 3 spatial dimensions.
+        size: the target spatial size.
+
+    Returns:
+        ``(B, C, *size)`` float tensor.
+
+    Raises:
+        ValueError: when ``size`` does not have one value per spatial dimension.
+    """
+    spatial = tuple(images.shape[2:])
+    size = tuple(int(v) for v in size)
+    if len(size) != len(spatial):
+        raise ValueError(f"a working grid of {len(size)} dimension(s) for images of {len(spatial)}: {size}.")
+    if size == spatial:
+        return images
+    if all(t <= s for t, s in zip(size, spatial)):
+        return F.interpolate(images.float(), size=size, mode="area")
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    return F.interpolate(images.float(), size=size, mode=mode, align_corners=False)
+
+
+def to_grid(values: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Map values defined on a working grid onto another grid by nearest neighbour (``nearest-exact``).
+
+    Every target position takes the value of the working-grid position it falls in, so a 0/1 mask stays 0/1 and
+    a bounded change stays within its bound; the result is ``values`` itself when the sizes already match.
+
+    Args:
+        values: ``(B, C, *spatial)`` tensor (a bool mask is mapped as uint8 and returned as bool).
+        size: the target spatial size.
+
+    Returns:
+        ``(B, C, *size)`` tensor of the input's dtype.
+    """
+    size = tuple(int(v) for v in size)
+    if tuple(values.shape[2:]) == size:
+        return values
+    if values.dtype == torch.bool:
+        return F.interpolate(values.to(torch.uint8), size=size, mode="nearest-exact").bool()
+    return F.interpolate(values, size=size, mode="nearest-exact")
+
+
 def perturb(
     images: torch.Tensor,
     mask: torch.Tensor,
@@ -233,19 +284,26 @@ def perturb(
 ) -> torch.Tensor:
     """SALM perturbation ``clip(x + M * eps * tanh(raw), lo, hi)``.
 
+    ``mask`` and ``raw_noise`` may live on a working grid other than the images' own (a checkpoint trained at one
+    size protecting scans of any size): the bounded change ``M * eps * tanh(raw)`` is computed there and mapped onto
+    the images' grid with :func:`to_grid`, so each native position takes the change of the working-grid position
+    it falls in. The guarantees hold on the native grid either way.
+
     Args:
         images: ``(B, C, *spatial)`` images.
-        mask: ``(B, 1, *spatial)`` (or broadcastable) 0/1 mask.
-        raw_noise: generator output shaped like ``images``.
+        mask: ``(B, 1, *grid)`` (or broadcastable) 0/1 mask.
+        raw_noise: generator output ``(B, C, *grid)``, on the mask's grid.
         epsilon: L-infinity bound in the units of ``images``.
         value_range: ``(lo, hi)`` valid intensity range.
 
     Returns:
-        the protected images; ``|x' - x| <= epsilon`` and ``x' == x`` outside the mask (for inputs
+        the protected images; ``|x' - x| <= epsilon`` and ``x' == x`` outside the (mapped) mask (for inputs
         already inside ``value_range``).
     """
     lo, hi = float(value_range[0]), float(value_range[1])
-    delta = epsilon * torch.tanh(raw_noise)
-    protected = (images + mask.to(images.dtype) * delta).clamp(lo, hi)
+    delta = mask.to(images.dtype) * (epsilon * torch.tanh(raw_noise.to(images.dtype)))
+    spatial = images.shape[2:]
+    inside = to_grid(mask.to(torch.bool), spatial).expand_as(images)
+    protected = (images + to_grid(delta, spatial)).clamp_(lo, hi)
     # outside the mask return the input bit-for-bit, even where it lies outside value_range
-    return torch.where(mask.to(torch.bool).expand_as(images), protected, images)
+    return torch.where(inside, protected, images)

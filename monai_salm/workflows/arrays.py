@@ -1,6 +1,7 @@
 """Read a labelled dataset (datalist JSON, class folders, MedMNIST ``.npz``) into [0, 1] tensors for training.
 
-Every image is checked (readable, finite, one channel count and spatial size) with an error naming the file.
+Every image is checked (readable, finite, one channel count) with an error naming the file, and resampled onto one
+working grid (the work size, or the images' own size, which they must then share).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import torch
 from monai_salm.data.medmnist import is_rgb, load_npz, split_arrays
 from monai_salm.io import ImageRecord, IntensityScaling, load_dataset, read_image
 from monai_salm.io.utils import full_suffix
+from monai_salm.transforms.functional import resize_images
 from monai_salm.workflows.intensity import _auto_scaling, parse_intensity
 
-__all__ = ["TrainingArrays", "load_training_arrays"]
+__all__ = ["TrainingArrays", "load_training_arrays", "parse_work_size"]
 
 _TRAIN_SPLITS = ("training",)
 _NPZ_SPLITS = {"training": "train", "validation": "val", "test": "test", "train": "train", "val": "val"}
@@ -77,8 +79,40 @@ def _to_unit_tensor(images: np.ndarray, scaling: IntensityScaling, chunk: int = 
     return out
 
 
-def _npz_arrays(path: Path, intensity: IntensityScaling | None, splits: Sequence[str], limit: int | None
-                ) -> TrainingArrays:
+def parse_work_size(value: int | str | Sequence[int] | None, spatial_dims: int | None = None) -> tuple[int, ...] | None:
+    """A working grid from ``64``, ``"64"``, ``"128,128,64"`` or ``[128, 128, 64]`` (``None`` stays ``None``).
+
+    A single value is used on every axis (``spatial_dims`` of them, once known).
+
+    Raises:
+        ValueError: for a size that is not one or ``spatial_dims`` positive integers.
+    """
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in str(value).replace("x", ",").split(",")] if isinstance(value, (int, str)) else [
+            int(v) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"work size must be positive integers such as 64 or 128,128,64, got {value!r}.") from None
+    if not parts or any(v < 1 for v in parts) or len(parts) > 3:
+        raise ValueError(f"work size must be one to three positive integers such as 64 or 128,128,64, got {value!r}.")
+    if spatial_dims is not None:
+        if len(parts) == 1:
+            parts = parts * spatial_dims
+        elif len(parts) != spatial_dims:
+            raise ValueError(f"work size {tuple(parts)} has {len(parts)} values but the images are {spatial_dims}D.")
+    return tuple(parts)
+
+
+def _resized(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """One ``(C, *spatial)`` image resampled onto ``size`` (:func:`resize_images`), as float32."""
+    if tuple(array.shape[1:]) == tuple(size):
+        return array
+    return resize_images(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None], size)[0].numpy()
+
+
+def _npz_arrays(path: Path, intensity: IntensityScaling | None, splits: Sequence[str], limit: int | None,
+                work_size: Sequence[int] | None) -> TrainingArrays:
     wanted = list(dict.fromkeys(_NPZ_SPLITS.get(s, s) for s in splits))
     arrays = load_npz(path, require=(wanted[0],))
     images, labels, records = [], [], []
@@ -103,31 +137,44 @@ def _npz_arrays(path: Path, intensity: IntensityScaling | None, splits: Sequence
         else:
             intensity = IntensityScaling("range", lo=0.0, hi=1.0)
     scaling = intensity.fit([stacked]) if not intensity.fitted else intensity
-    return TrainingArrays(_to_unit_tensor(stacked, scaling), torch.from_numpy(label_array).long(), records, scaling)
+    images = _to_unit_tensor(stacked, scaling)
+    work = parse_work_size(work_size, images.ndim - 2)
+    if work is not None and tuple(images.shape[2:]) != work:
+        images = torch.cat([resize_images(images[i : i + 256], work) for i in range(0, len(images), 256)])
+    return TrainingArrays(images, torch.from_numpy(label_array).long(), records, scaling)
 
 
-def _read_checked(records: Sequence[ImageRecord], reference: tuple[Path, tuple[int, ...]] | None = None):
-    """Read every image; all must share the channel count and spatial size (of ``reference`` when given)."""
+def _read_checked(records: Sequence[ImageRecord], reference: tuple[Path, int] | None = None,
+                  work_size: Sequence[int] | None = None):
+    """Read every image (each resampled onto ``work_size`` as it is read, when given); all must share the channel
+    count (of ``reference`` when given), and without ``work_size`` the spatial size."""
     arrays, dtypes = [], []
-    ref_path, ref_shape = reference if reference is not None else (None, None)
+    ref_path, ref_channels = reference if reference is not None else (None, None)
+    work = None
     for record in records:
         array, meta = read_image(record)
         if not np.isfinite(array).all():
             raise ValueError(f"{record.path}: the image contains NaN or infinite values.")
-        if ref_shape is None:
-            ref_path, ref_shape = record.path, tuple(array.shape)
-        elif tuple(array.shape) != ref_shape:
-            if array.shape[0] != ref_shape[0]:
-                raise ValueError(f"{record.path}: has {array.shape[0]} channel(s) but {ref_path} has {ref_shape[0]}; "
-                                 "all images of a dataset need the same number of channels.")
-            raise ValueError(
-                f"{record.path}: image size {tuple(array.shape[1:])} differs from {tuple(ref_shape[1:])} of "
-                f"{ref_path}. "
-                "SALM's class masks and patterns are per position, so all training images must share one spatial "
-                "size: resample or crop them beforehand (e.g. monai.transforms.Resize / ResizeWithPadOrCrop)."
-            )
+        if ref_channels is None:
+            ref_path, ref_channels = record.path, array.shape[0]
+        elif array.shape[0] != ref_channels:
+            raise ValueError(f"{record.path}: has {array.shape[0]} channel(s) but {ref_path} has {ref_channels}; "
+                             "all images of a dataset need the same number of channels.")
+        if work_size is not None:
+            work = work or parse_work_size(work_size, array.ndim - 1)
+            array = _resized(array, work)
         arrays.append(array)
         dtypes.append(meta.dtype)
+    sizes: dict[tuple[int, ...], Path] = {}
+    for array, record in zip(arrays, records):
+        sizes.setdefault(array.shape[1:], record.path)
+    if len(sizes) > 1:
+        (size_a, path_a), (size_b, path_b) = list(sizes.items())[:2]
+        raise ValueError(
+            f"{path_b}: image size {tuple(size_b)} differs from {tuple(size_a)} of {path_a}. Images of different "
+            "sizes are read onto one working grid: set its size (monai-salm train --work-size, evaluate "
+            "--victim-size, the bundle's work_size); a checkpoint protects every image at its own size."
+        )
     return arrays, dtypes
 
 
@@ -137,6 +184,7 @@ def load_training_arrays(
     splits: Sequence[str] = _TRAIN_SPLITS,
     reference: TrainingArrays | None = None,
     limit: int | None = None,
+    work_size: int | str | Sequence[int] | None = None,
 ) -> TrainingArrays:
     """Read a labelled dataset into memory, scaled to [0, 1].
 
@@ -148,29 +196,34 @@ def load_training_arrays(
             ``percentile:0.5:99.5`` fitted on these images. A percentile scaling is fitted here; a fitted scaling
             (e.g. the training set's, for its validation set) is used as is.
         splits: datalist keys / ``.npz`` splits to read (class folders have only ``"training"``).
-        reference: images must also match this set's channels and spatial size (e.g. the training set for a
-            validation set).
+        reference: images must also match this set's channels, and are resampled onto its size (e.g. the training
+            set for a validation set).
         limit: use only the first ``limit`` images (and fit a percentile scaling on them).
+        work_size: the working grid SALM trains on (``64``, ``"128,128,64"``): every image is resampled onto it as it
+            is read (:func:`~monai_salm.transforms.functional.resize_images`), so memory and training cost follow
+            the grid, not the native size. ``None``: the images' own size, which they must then share.
 
     Returns:
         :class:`TrainingArrays`.
 
     Raises:
         ValueError: naming the file: missing source, unsupported or unreadable file, missing or invalid label, mixed
-            2D/3D images, NaN values, or an image whose channels or spatial size differ from the others (SALM
-            needs one size; resample beforehand).
+            2D/3D images, NaN values, a bad work size, or an image whose channel count (or, without a work size,
+            spatial size) differs from the others.
     """
     source = Path(source)
     scaling = parse_intensity(intensity)
+    if work_size is None and reference is not None:
+        work_size = reference.image_size
     if full_suffix(source) == ".npz":
-        data = _npz_arrays(source, scaling, splits, limit)
+        data = _npz_arrays(source, scaling, splits, limit, work_size)
         records = data.records
     else:
         records = load_dataset(source, tuple(splits))[: limit or None]
         if not records:
             raise ValueError(f"{source}: no images found.")
-        ref = None if reference is None else (reference.records[0].path, (reference.in_channels, *reference.image_size))
-        arrays, dtypes = _read_checked(records, ref)
+        ref = None if reference is None else (reference.records[0].path, reference.in_channels)
+        arrays, dtypes = _read_checked(records, ref, work_size)
         if scaling is None:
             scaling = _auto_scaling(dtypes, str(source))
         if not scaling.fitted:

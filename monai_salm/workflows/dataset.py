@@ -32,8 +32,8 @@ class ProtectionDataset(torch.utils.data.Dataset):
         source: datalist JSON (its ``training``, ``validation`` and ``test`` lists) or class folder. ``.npz``
             datasets are protected whole with ``monai-salm protect``.
         scaling: the checkpoint's intensity scaling (fitted).
-        settings: when given, every image is checked against the checkpoint (dimensions, channels, class-mask
-            size, label range) with an error naming the file.
+        settings: when given, every image is checked against the checkpoint (dimensions, channels,
+            label range) with an error naming the file. Images may have any size: they are protected at their own.
         splits: datalist keys to protect.
         cache_size: originals kept for :meth:`take` (use at least the loader's batch size).
 
@@ -96,9 +96,6 @@ class ProtectionDataset(torch.utils.data.Dataset):
                 raise ValueError(
                     f"{record.path}: has {array.shape[0]} channel(s), the checkpoint expects {s.in_channels}."
                 )
-            if s.mask_mode == "class" and tuple(array.shape[1:]) != tuple(s.image_size):
-                raise ValueError(f"{record.path}: image size {tuple(array.shape[1:])} differs from the checkpoint's "
-                                 f"{tuple(s.image_size)} (class masks are per position; resample beforehand).")
         return array, self.scaling.to_unit(array), meta
 
     def __getitem__(self, index: int) -> dict[str, Any]:

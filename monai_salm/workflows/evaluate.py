@@ -74,6 +74,7 @@ def run_evaluation(
     recipe: str = "competent",
     val_from: str = "both",
     reader_data: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    input_size: int | str | Sequence[int] | None = None,
     **overrides,
 ) -> dict:
     """Train a fresh victim on the training split of ``train``, test it on the clean test split of ``test``.
@@ -105,6 +106,10 @@ def run_evaluation(
             protected copy of ``test``'s): the victim's selected model also reads each, and ``report["reader"]``
             gives, per release, its accuracy on the protected copy against the clean one. Meant for a victim trained
             on clean data (the authorized user): it measures what protection costs legitimate readers.
+        input_size: the attacker's own input size (e.g. ``64`` or ``32,32,32``): every image it trains, validates
+            and tests on is resampled onto it first (:func:`~monai_salm.transforms.functional.resize_images`), as an
+            attacker training at another resolution would. Needed for releases whose images differ in size.
+            Default: the images' own size.
         overrides: other :func:`~monai_salm.evaluation.train_victim` arguments (``optimizer``, ``lr``,
             ``weight_decay``, ``batch_size``, ``flips``, ``shift``, ``schedule``).
 
@@ -118,7 +123,7 @@ def run_evaluation(
     if val_from not in ("both", "protected", "clean", "none"):
         raise ValueError(f"val_from must be both, protected, clean or none, got {val_from!r}.")
     train, test_path = Path(train), Path(test)
-    train_data = load_training_arrays(train, intensity, ("training",), limit=limit)
+    train_data = load_training_arrays(train, intensity, ("training",), limit=limit, work_size=input_size)
     received = release_splits(train, len(train_data.labels))
     test_data = load_training_arrays(test_path, train_data.scaling, _test_splits(test_path), reference=train_data)
     train_data, val_sets = _validation_sets(train, test_path, train_data, val_from, seed)
@@ -141,7 +146,7 @@ def run_evaluation(
         clean_metrics = classification_metrics(predict_probabilities(model, test_data.images, device), test_data.labels)
         report["reader"] = {path: reader_accuracy(model, clean_metrics, copy, device) for path, copy in readers.items()}
     report.update(release_splits=received, train_data=str(train), test_data=str(test),
-                  train_n=len(train_data.labels),
+                  input_size=list(train_data.image_size), train_n=len(train_data.labels),
                   test_n=len(test_data.labels), num_classes=num_classes,
                   validation={name: len(labels) for name, (_, labels) in val_sets.items()})
     write_report(report, out_dir)

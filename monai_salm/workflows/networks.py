@@ -15,6 +15,7 @@ from monai_salm.data.medmnist import is_rgb, load_npz
 from monai_salm.io import load_dataset, read_image
 from monai_salm.io.utils import full_suffix
 from monai_salm.networks import NoiseGenerator
+from monai_salm.workflows.arrays import parse_work_size
 
 __all__ = ["NetworkShape", "network_shape", "BundleNoiseGenerator"]
 
@@ -31,7 +32,8 @@ class NetworkShape:
     num_classes: int
 
 
-def network_shape(source: str | os.PathLike, reference: dict | None = None) -> NetworkShape:
+def network_shape(source: str | os.PathLike, reference: dict | None = None,
+                  work_size: int | str | Sequence[int] | None = None) -> NetworkShape:
     """Network shapes for a dataset, without loading it: from the data when ``source`` exists, else ``reference``.
 
     With an existing ``source``, the headers of every image are probed (:func:`monai_salm.io.load_dataset`) and the
@@ -42,9 +44,13 @@ def network_shape(source: str | os.PathLike, reference: dict | None = None) -> N
     ``network_data_format`` is used: ``inputs#image`` gives channels and spatial shape, ``inputs#label#value_range``
     ``[0, C - 1]`` the class count.
 
+    With ``work_size`` (the working grid the images are resampled onto for training), the spatial size is that
+    grid; without it, the first image's size (:func:`load_training_arrays` then requires every image to have it).
+
     Args:
         source: the dataset (datalist JSON, class folder or ``.npz``).
         reference: the metadata's ``network_data_format``.
+        work_size: the working grid, e.g. ``64`` or ``[128, 128, 64]``.
 
     Raises:
         ValueError: when ``source`` is missing and no reference is given, or the dataset cannot be read.
@@ -65,13 +71,20 @@ def network_shape(source: str | os.PathLike, reference: dict | None = None) -> N
         labels = [arrays[f"{s}_labels"] for s in ("train", "val") if f"{s}_labels" in arrays]
         x = np.moveaxis(x, -1, 1) if is_rgb(x) else x[:, None]
         num_classes = max(int(v.max()) for v in labels if v.size) + 1
-        return NetworkShape(x.ndim - 2, int(x.shape[1]), [int(v) for v in x.shape[2:]], num_classes)
+        return _with_work_size(NetworkShape(x.ndim - 2, int(x.shape[1]), [int(v) for v in x.shape[2:]], num_classes),
+                               work_size)
     records = load_dataset(path, ("training", "validation"))
     if not records:
         raise ValueError(f"{path}: no images found.")
     first, _ = read_image(records[0])
-    return NetworkShape(first.ndim - 1, int(first.shape[0]), [int(v) for v in first.shape[1:]],
-                        max(r.label for r in records) + 1)
+    shape = NetworkShape(first.ndim - 1, int(first.shape[0]), [int(v) for v in first.shape[1:]],
+                         max(r.label for r in records) + 1)
+    return _with_work_size(shape, work_size)
+
+
+def _with_work_size(shape: NetworkShape, work_size: int | str | Sequence[int] | None) -> NetworkShape:
+    work = parse_work_size(work_size, shape.spatial_dims)
+    return shape if work is None else NetworkShape(shape.spatial_dims, shape.in_channels, list(work), shape.num_classes)
 
 
 class BundleNoiseGenerator(NoiseGenerator):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,19 +111,22 @@ def load_train_val(
     intensity: str | dict | IntensityScaling | None = "auto",
     val_fraction: float = 0.1,
     seed: int = 0,
+    work_size: int | str | Sequence[int] | None = None,
 ) -> SALMData:
     """Training and validation images of a dataset (see :func:`load_training_arrays`).
 
     The validation images are the datalist's ``"validation"`` entries or the ``.npz`` ``val`` split when present,
     otherwise a stratified ``val_fraction`` of the training images (:func:`split_validation`), which are then
-    not used for training. The intensity scaling is fitted on the training images only.
+    not used for training. The intensity scaling is fitted on the training images only. Both sets are resampled
+    onto the working grid ``work_size`` (``None``: the training images' own size; see :func:`load_training_arrays`).
     """
     source = Path(source)
     if has_validation(source):
-        train = load_training_arrays(source, intensity, _TRAIN_SPLITS)
+        train = load_training_arrays(source, intensity, _TRAIN_SPLITS, work_size=work_size)
         val = load_training_arrays(source, train.scaling, _VAL_SPLITS, reference=train)
     else:
-        train, val = split_validation(load_training_arrays(source, intensity, _TRAIN_SPLITS), val_fraction, seed)
+        train = load_training_arrays(source, intensity, _TRAIN_SPLITS, work_size=work_size)
+        train, val = split_validation(train, val_fraction, seed)
     logger.info(
         f"{source}: {len(train.labels)} training and {len(val.labels)} validation images, "
         f"{train.in_channels} x {tuple(train.image_size)}, intensity {train.scaling.to_dict()}."

@@ -31,7 +31,7 @@ from monai_salm import __version__ as monai_salm_version
 from monai_salm.api import protect_tensor
 from monai_salm.io import detect_format, read_image, write_image
 from monai_salm.io.utils import full_suffix
-from monai_salm.transforms.functional import preserve_model_state
+from monai_salm.transforms.functional import preserve_model_state, resize_images
 from monai_salm.workflows import Protection, load_checkpoint
 
 __all__ = ["SUPPORTED_FORMATS", "ProtectionResult", "SALMProtector", "parse_class_index"]
@@ -165,11 +165,6 @@ class SALMProtector:
             raise ValueError(
                 f"{path.name}: image has {array.shape[0]} channel(s) but the checkpoint {name} expects {s.in_channels}."
             )
-        if s.mask_mode == "class" and tuple(array.shape[1:]) != tuple(s.image_size):
-            raise ValueError(
-                f"{path.name}: image size {tuple(array.shape[1:])} differs from the checkpoint {name}'s "
-                f"{tuple(s.image_size)} (its class masks are per position; resample the image beforehand)."
-            )
         if not np.isfinite(array).all():
             raise ValueError(f"{path.name}: the image contains NaN or infinite values.")
 
@@ -181,8 +176,12 @@ class SALMProtector:
                     f"class_index {class_index} is outside the checkpoint's classes 0..{num_classes - 1}."
                 )
             return int(class_index), "request"
+        if self.protection.surrogate is None:
+            raise ValueError(f"the checkpoint {self.checkpoint.name} is a slim release checkpoint without a surrogate: "
+                             "give the image's class_index.")
         with preserve_model_state(self.protection.surrogate) as surrogate, torch.no_grad():
-            logits = surrogate.eval()(unit.to(self.device))
+            work = resize_images(unit.to(self.device), self.protection.settings.image_size)
+            logits = surrogate.eval()(work)
         return int(logits.argmax(dim=1)[0]), "surrogate"
 
     def protect_file(
