@@ -406,7 +406,8 @@ def _read_nifti(path: Path, record: ImageRecord | None) -> tuple[np.ndarray, Ima
         raise ValueError(f"{path}: not a single-file NIfTI image ({type(img).__name__}).")
     if img.ndim not in (2, 3, 4):
         raise ValueError(f"{path}: NIfTI images must be 2D, 3D or 4D (channels last), got shape {img.shape}.")
-    data = np.asanyarray(img.dataobj).astype(np.float32, copy=False)
+    # one copy: stored type (Fortran order on disk) -> C-ordered float32
+    data = np.ascontiguousarray(np.asanyarray(img.dataobj), dtype=np.float32)
     array = np.moveaxis(data, -1, 0) if img.ndim == 4 else data[None]
     meta = ImageMeta("nifti", path, img.get_data_dtype(), array.shape, affine=img.affine.copy(),
                      header=img.header.copy(), channel_last=img.ndim == 4,

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from monai_salm.io.utils import elementwise
+
 __all__ = ["IntensityScaling"]
 
 _KINDS = ("window", "range", "percentile")
@@ -122,8 +124,13 @@ class IntensityScaling:
             ValueError: when the scaling is not fitted.
         """
         self._require_fitted()
-        out = (np.asarray(array, dtype=np.float64) - self.lo) / (self.hi - self.lo)
-        return (np.clip(out, 0.0, 1.0) if self.clip else out).astype(np.float32)
+        lo, span, clip = self.lo, self.hi - self.lo, self.clip
+
+        def unit(a):
+            out = (a.astype(np.float64) - lo) / span
+            return np.clip(out, 0.0, 1.0) if clip else out
+
+        return elementwise(unit, np.float32, np.asarray(array))
 
     def from_unit(self, array: np.ndarray) -> np.ndarray:
         """[0, 1] -> original units (the inverse of :meth:`to_unit` inside the window).
@@ -138,7 +145,8 @@ class IntensityScaling:
             ValueError: when the scaling is not fitted.
         """
         self._require_fitted()
-        return (self.lo + np.asarray(array, dtype=np.float64) * (self.hi - self.lo)).astype(np.float32)
+        lo, span = self.lo, self.hi - self.lo
+        return elementwise(lambda a: lo + a.astype(np.float64) * span, np.float32, np.asarray(array))
 
     def apply_delta(self, original: np.ndarray, clean_unit: np.ndarray, protected_unit: np.ndarray) -> np.ndarray:
         """Carry a perturbation made in [0, 1] units back onto the original array.
@@ -164,8 +172,12 @@ class IntensityScaling:
             raise ValueError(
                 f"apply_delta needs equal shapes, got {original.shape}, {clean_unit.shape}, {protected_unit.shape}."
             )
-        delta = (protected_unit.astype(np.float64) - clean_unit.astype(np.float64)) * (self.hi - self.lo)
-        return (original.astype(np.float64) + delta).astype(np.float32)
+        span = self.hi - self.lo
+
+        def carry(o, c, p):
+            return o.astype(np.float64) + (p.astype(np.float64) - c.astype(np.float64)) * span
+
+        return elementwise(carry, np.float32, original, clean_unit, protected_unit)
 
     def epsilon_in_units(self, epsilon: float) -> float:
         """An L-infinity budget in [0, 1] units expressed in original units: ``epsilon * (hi - lo)``.

@@ -8,8 +8,14 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["full_suffix", "atomic_path", "sha256_file", "is_within"]
+import numpy as np
+
+__all__ = ["full_suffix", "atomic_path", "sha256_file", "is_within", "elementwise"]
+
+#: elements per slab in :func:`elementwise` (32 MB of float64)
+SLAB = 1 << 22
 
 _DOUBLE_SUFFIXES = (".nii.gz",)
 
@@ -68,3 +74,20 @@ def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     """Whether ``path`` is ``folder`` or lies below it (symlinks resolved)."""
     path, folder = Path(path).resolve(), Path(folder).resolve()
     return path == folder or folder in path.parents
+
+
+def elementwise(fn: Callable[..., np.ndarray], dtype: np.dtype, *arrays: np.ndarray) -> np.ndarray:
+    """``fn(*arrays).astype(dtype)`` computed slab by slab, so float64 intermediates never cover a whole scan.
+
+    ``fn`` must be elementwise; every array has the output's shape.
+
+    Returns:
+        a new C-contiguous array of ``dtype``.
+    """
+    shape = np.shape(arrays[0])
+    flat = [np.asarray(a).reshape(-1) for a in arrays]
+    out = np.empty(int(np.prod(shape)), dtype=dtype)
+    for start in range(0, out.size, SLAB):
+        part = slice(start, start + SLAB)
+        out[part] = fn(*(a[part] for a in flat))
+    return out.reshape(shape)

@@ -23,7 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from monai_salm import __version__
 from monai_salm.io.manifest import ManifestEntry, write_manifest
 from monai_salm.io.readers import ImageMeta, ImageRecord, PILImage, itk, read_image
-from monai_salm.io.utils import atomic_path, full_suffix, is_within, sha256_file
+from monai_salm.io.utils import atomic_path, elementwise, full_suffix, is_within, sha256_file
 
 __all__ = ["DEFAULT_DESCRIPTION", "write_image", "ProtectedCopyWriter"]
 
@@ -38,13 +38,16 @@ def _to_stored(values: np.ndarray, dtype: np.dtype, slope: float = 1.0, intercep
                lo: float | None = None, hi: float | None = None) -> np.ndarray:
     """Original units -> stored values: through slope/intercept, rounded and clipped for integer types."""
     dtype = np.dtype(dtype)
-    raw = (np.asarray(values, dtype=np.float64) - intercept) / slope
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
         lo = info.min if lo is None else max(lo, info.min)
         hi = info.max if hi is None else min(hi, info.max)
-        raw = np.clip(np.rint(raw), lo, hi)
-    return raw.astype(dtype)
+
+    def stored(v):
+        raw = (v.astype(np.float64) - intercept) / slope
+        return np.clip(np.rint(raw), lo, hi) if dtype.kind in "iu" else raw
+
+    return elementwise(stored, dtype, np.asarray(values))
 
 
 def _write_nifti(meta: ImageMeta, array: np.ndarray, dest: Path) -> list[Path]:
@@ -389,7 +392,7 @@ class ProtectedCopyWriter:
         if after.shape != before.shape:
             raise ValueError(f"{dest}: the copy has shape {tuple(after.shape)} but its input {record.path} has "
                              f"{tuple(before.shape)}.")
-        diff = np.abs(after.astype(np.float64) - before.astype(np.float64))
+        diff = elementwise(lambda a, b: np.abs(a.astype(np.float64) - b.astype(np.float64)), np.float32, after, before)
         if meta.format == "dicom_series":
             parts = [(meta.files[k], diff[..., k]) for k in range(len(written))]
         else:

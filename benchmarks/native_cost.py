@@ -1,0 +1,336 @@
+"""Cost of SALM on this machine: release and training against the floor, and release cost and memory against size.
+
+Every table prints medians of repeated runs measured side by side in one process (or, for peak memory, one fresh
+process per case, so each peak is its own). Ratios, not absolute times, are what carry over to other machines.
+
+    python benchmarks/native_cost.py floor            # release (per mode) and training per image vs the floor
+    python benchmarks/native_cost.py sizes            # class-mask release time and peak memory against native size
+    python benchmarks/native_cost.py files            # 512x512x300 CT (NIfTI, DICOM series), 2048^2 radiograph
+    python benchmarks/native_cost.py train_sizes      # training time/memory at a fixed working grid vs native size
+    python benchmarks/native_cost.py em --data ../shared/data/breastmnist_28.npz   # EM's time vs SALM's
+    python benchmarks/native_cost.py all --json docs/figures/native_cost.json      # everything; plots with --plot
+
+The floor is what any per-image method pays at least: one surrogate forward+backward plus one generator forward
+per image, at the same size and batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from monai_salm.api import DEFAULTS, make_dataset, protect_tensor, train_salm
+from monai_salm.engines import SALMSettings, save_protection
+from monai_salm.networks import NoiseGenerator, build_classifier
+from monai_salm.transforms.functional import call_generator
+
+SIZES_2D = [28, 64, 128, 256, 512, 1024, 2048]
+SIZES_3D = [(28, 28, 28), (64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 300)]
+
+
+def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_checkpoint(path: Path, work: tuple[int, ...], mask_mode: str = "class", num_classes: int = 2) -> Path:
+    """A checkpoint with the default networks at the working grid ``work`` (untrained: cost does not depend on it)."""
+    dims = len(work)
+    generator_kwargs = {"pattern_size": list(work), "pattern_cell": DEFAULTS["block"]}
+    generator = NoiseGenerator(dims, 1, num_classes, **generator_kwargs)
+    surrogate = build_classifier("resnet18", dims, 1, num_classes)
+    settings = SALMSettings(spatial_dims=dims, in_channels=1, num_classes=num_classes, image_size=work,
+                            epsilon=DEFAULTS["epsilon"], k=DEFAULTS["k"], mask_mode=mask_mode,
+                            intensity={"kind": "window", "lo": -1000.0, "hi": 1000.0, "clip": True},
+                            generator=generator_kwargs)
+    scores = torch.rand(num_classes, *work) if mask_mode == "class" else None
+    return save_protection(path, settings, generator, surrogate, scores)
+
+
+def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train_images: int = 64) -> list[dict]:
+    """Release per mask mode and training per image-epoch, as ratios to the floor, at the working grid's size."""
+    rows = []
+    for size in sizes:
+        dims = len(size)
+        tmp = Path(tempfile.mkdtemp())
+        x = torch.rand(batch, 1, *size)
+        y = torch.randint(0, 2, (batch,))
+        from monai_salm.engines import load_protection
+
+        loaded = {mode: load_protection(make_checkpoint(tmp / f"{mode}.pt", size, mode)) for mode in ("class", "sample")}
+        settings, generator, surrogate, _ = loaded["sample"]
+
+        def floor():
+            xx = x.clone().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(surrogate(xx), y)
+            torch.autograd.grad(loss, xx)
+            with torch.no_grad():
+                call_generator(generator, x, y)
+
+        row = {"size": "x".join(map(str, size)), "batch": batch, "floor_ms": 1000 * median_seconds(floor) / batch}
+        for mode, (s, g, sur, scores) in loaded.items():
+            seconds = median_seconds(lambda: protect_tensor(x, y, s, g, sur, scores, batch_size=batch))
+            row[f"release_{mode}_ms"] = 1000 * seconds / batch
+            row[f"release_{mode}_x_floor"] = seconds / batch / (row["floor_ms"] / 1000)
+        images, labels = torch.rand(train_images, 1, *size), torch.randint(0, 2, (train_images,))
+
+        def one_epoch():
+            train_salm(images, labels, 2, epochs=1, warmup_epochs=0, batch_size=batch, epsilon=DEFAULTS["epsilon"])
+
+        seconds = median_seconds(one_epoch, repeats=3)
+        row["train_ms_per_image_epoch"] = 1000 * seconds / train_images
+        row["train_x_floor"] = seconds / train_images / (row["floor_ms"] / 1000)
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
+def child(task: str, arg: str) -> dict:
+    """Run one memory-measured case in a fresh interpreter; returns its JSON line."""
+    out = subprocess.run([sys.executable, __file__, "_child", task, arg], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"case": f"{task} {arg}", "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "?"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _release_case(native: tuple[int, ...], work: tuple[int, ...], repeats: int = 3) -> dict:
+    from monai_salm.engines import load_protection
+
+    tmp = Path(tempfile.mkdtemp())
+    settings, generator, surrogate, scores = load_protection(make_checkpoint(tmp / "c.pt", work))
+    x = torch.rand(1, 1, *native)
+    y = torch.tensor([1])
+    base = peak_rss_mb()
+    seconds = median_seconds(lambda: protect_tensor(x, y, settings, generator, None, scores, batch_size=1),
+                             repeats=repeats)
+    return {"native": "x".join(map(str, native)), "work": "x".join(map(str, work)), "release_s": seconds,
+            "peak_rss_mb": peak_rss_mb(), "input_mb": x.numel() * 4 / 2**20, "baseline_rss_mb": base}
+
+
+def sizes_table() -> list[dict]:
+    rows = []
+    for s in SIZES_2D:
+        rows.append(child("release", f"{s},{s}:64,64"))
+        print_row(rows[-1])
+    for s in SIZES_3D:
+        rows.append(child("release", f"{','.join(map(str, s))}:32,32,32"))
+        print_row(rows[-1])
+    return rows
+
+
+def _write_ct(root: Path, shape=(512, 512, 300), kind: str = "nifti") -> Path:
+    """A synthetic int16 CT-like volume (body ellipse in air) in one class folder, as NIfTI or a DICOM series."""
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.ogrid[: shape[2], : shape[1], : shape[0]]
+    body = ((xx - shape[0] / 2) / (0.4 * shape[0])) ** 2 + ((yy - shape[1] / 2) / (0.3 * shape[1])) ** 2 < 1
+    vol = np.where(body, 40, -1000).astype(np.int16).transpose(2, 1, 0)  # (x, y, z)
+    vol = np.broadcast_to(vol, shape).copy()
+    vol += rng.integers(-20, 20, size=shape, dtype=np.int16)
+    folder = root / "data"
+    folder.mkdir(parents=True)
+    if kind == "nifti":
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(vol, np.diag([0.7, 0.7, 1.25, 1.0])), folder / "ct.nii.gz")
+        return _datalist(folder, "ct.nii.gz")
+    else:
+        from pydicom.dataset import FileDataset, FileMetaDataset
+        from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+        series = folder / "series"
+        series.mkdir()
+        study, series_uid = generate_uid(), generate_uid()
+        for z in range(shape[2]):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = CTImageStorage
+            meta.MediaStorageSOPInstanceUID = generate_uid()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = FileDataset(str(series / f"{z:04d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series_uid, "CT"
+            ds.Rows, ds.Columns = shape[1], shape[0]
+            ds.PixelSpacing, ds.SliceThickness = [0.7, 0.7], 1.25
+            ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 1.25 * z], [1, 0, 0, 0, 1, 0]
+            ds.InstanceNumber = z + 1
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+            ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+            ds.PixelData = np.ascontiguousarray(vol[:, :, z].T).tobytes()
+            ds.save_as(series / f"{z:04d}.dcm", enforce_file_format=True)
+    return _datalist(folder, "series")
+
+
+def _datalist(folder: Path, image: str) -> Path:
+    """A one-image MONAI datalist (class 0 of 2) next to the image."""
+    (folder / "datalist.json").write_text(json.dumps({"training": [{"image": image, "label": 0}]}))
+    return folder / "datalist.json"
+
+
+def _write_radiograph(root: Path, size: int = 2048) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = root / "data"
+    folder.mkdir(parents=True)
+    yy, xx = np.mgrid[:size, :size]
+    img = (20000 + 15000 * np.sin(xx / 97.0) * np.cos(yy / 131.0) + rng.normal(0, 500, (size, size))).astype(np.uint16)
+    Image.fromarray(img).save(folder / "cxr.png")
+    return _datalist(folder, "cxr.png")
+
+
+def _file_case(kind: str) -> dict:
+    from monai_salm.workflows import protect_files
+
+    root = Path(tempfile.mkdtemp())
+    if kind == "radiograph":
+        data = _write_radiograph(root)
+        work = (64, 64)
+    else:
+        data = _write_ct(root, kind=kind)
+        work = (32, 32, 32)
+    ckpt = make_checkpoint(root / "c.pt", work)
+    base = peak_rss_mb()
+    start = time.perf_counter()
+    protect_files(ckpt, data, root / "out")
+    seconds = time.perf_counter() - start
+    return {"case": kind, "protect_s": seconds, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": base}
+
+
+def files_table() -> list[dict]:
+    rows = []
+    for kind in ("radiograph", "nifti", "dicom"):
+        rows.append(child("file", kind))
+        print_row(rows[-1])
+    return rows
+
+
+def _train_case(native: int, work: int = 32, n: int = 16) -> dict:
+    """Train one epoch from a class folder of ``n`` PNGs of ``native`` px at a ``work`` px working grid."""
+    from PIL import Image
+
+    from monai_salm.cli import main
+
+    root = Path(tempfile.mkdtemp())
+    rng = np.random.default_rng(0)
+    for label in range(2):
+        (root / "data" / str(label)).mkdir(parents=True)
+        for i in range(n // 2):
+            Image.fromarray(rng.integers(0, 255, (native, native), dtype=np.uint8)).save(
+                root / "data" / str(label) / f"{i}.png")
+    start = time.perf_counter()
+    main(["train", "--data", str(root / "data"), "--out", str(root / "c.pt"), "--work-size", str(work), "--epochs",
+          "1", "--warmup-epochs", "0", "--batch-size", "8", "--quiet"])
+    return {"native": native, "work": work, "images": n, "train_s": time.perf_counter() - start,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def train_sizes_table() -> list[dict]:
+    rows = []
+    for native in (64, 256, 1024):
+        rows.append(child("train", str(native)))
+        print_row(rows[-1])
+    return rows
+
+
+def em_table(data: str, limit: int) -> list[dict]:
+    """EM's time to its protection against SALM's (training + release), on the same images."""
+    from monai_salm.data import load_npz, split_arrays, to_tensor
+    from monai_salm.evaluation.baselines import error_minimizing_noise
+
+    images, labels = split_arrays(load_npz(data), "train")
+    x, y = to_tensor(images[:limit]), torch.from_numpy(labels[:limit]).long()
+    num_classes = int(labels.max()) + 1
+    start = time.perf_counter()
+    trainer, settings = train_salm(x, y, num_classes, epsilon=DEFAULTS["epsilon"])
+    protect_tensor(x, y, settings, trainer.generator, trainer.surrogate, trainer.class_scores)
+    salm = time.perf_counter() - start
+    start = time.perf_counter()
+    _, info = error_minimizing_noise(x, y, num_classes, DEFAULTS["epsilon"])
+    em = time.perf_counter() - start
+    row = {"data": Path(data).name, "images": len(y), "salm_s": salm, "em_s": em, "em_rounds": info.get("rounds"),
+           "em_over_salm": em / salm}
+    print_row(row)
+    return [row]
+
+
+def print_row(row: dict) -> None:
+    print(" | ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results.get("sizes", []) if "release_s" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for dims, marker in ((2, "o"), (3, "s")):
+        sel = [r for r in rows if r["native"].count("x") == dims - 1]
+        voxels = [np.prod([int(v) for v in r["native"].split("x")]) for r in sel]
+        axes[0].loglog(voxels, [r["release_s"] for r in sel], marker=marker, label=f"{dims}D")
+        axes[1].loglog(voxels, [r["peak_rss_mb"] for r in sel], marker=marker, label=f"{dims}D")
+    axes[0].set(xlabel="native positions per scan", ylabel="class-mask release (s, median)")
+    axes[1].set(xlabel="native positions per scan", ylabel="peak resident memory (MB)")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        task, arg = sys.argv[2], sys.argv[3]
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        if task == "release":
+            native, work = (tuple(int(v) for v in part.split(",")) for part in arg.split(":"))
+            print(json.dumps(_release_case(native, work)))
+        elif task == "file":
+            print(json.dumps(_file_case(arg)))
+        elif task == "train":
+            print(json.dumps(_train_case(int(arg))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", choices=("floor", "sizes", "files", "train_sizes", "em", "all"))
+    parser.add_argument("--data", default="../shared/data/breastmnist_28.npz", help="em: MedMNIST .npz")
+    parser.add_argument("--limit", type=int, default=256, help="em: training images used")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--plot", default=None, help="sizes: write the cost/memory figure here")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    tables = {"floor": floor_table, "sizes": sizes_table, "files": files_table, "train_sizes": train_sizes_table,
+              "em": lambda: em_table(args.data, args.limit)}
+    results = {}
+    for name, fn in tables.items():
+        if args.table in (name, "all"):
+            print(f"## {name}")
+            results[name] = fn()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.plot and "sizes" in results:
+        plot(results, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
