@@ -9,6 +9,7 @@ process per case, so each peak is its own). Ratios, not absolute times, are what
     python benchmarks/native_cost.py train_sizes      # training time/memory at a fixed working grid vs native size
     python benchmarks/native_cost.py em --data ../shared/data/breastmnist_28.npz   # EM's time vs SALM's
     python benchmarks/native_cost.py all --json docs/figures/native_cost.json      # everything; plots with --plot
+    python benchmarks/native_cost.py floor sizes --device cuda                      # the CUDA path (AMP on)
 
 The floor is what any per-image method pays at least: one surrogate forward+backward plus one generator forward
 per image, at the same size and batch.
@@ -67,17 +68,20 @@ def make_checkpoint(path: Path, work: tuple[int, ...], mask_mode: str = "class",
     return save_protection(path, settings, generator, surrogate, scores)
 
 
-def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train_images: int = 64) -> list[dict]:
+def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train_images: int = 64,
+                device: str = "cpu") -> list[dict]:
     """Release per mask mode and training per image-epoch, as ratios to the floor, at the working grid's size."""
     rows = []
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for size in sizes:
         dims = len(size)
         tmp = Path(tempfile.mkdtemp())
-        x = torch.rand(batch, 1, *size)
-        y = torch.randint(0, 2, (batch,))
+        x = torch.rand(batch, 1, *size, device=device)
+        y = torch.randint(0, 2, (batch,), device=device)
         from monai_salm.engines import load_protection
 
-        loaded = {mode: load_protection(make_checkpoint(tmp / f"{mode}.pt", size, mode)) for mode in ("class", "sample")}
+        loaded = {mode: load_protection(make_checkpoint(tmp / f"{mode}.pt", size, mode), device)
+                  for mode in ("class", "sample")}
         settings, generator, surrogate, _ = loaded["sample"]
 
         def floor():
@@ -86,16 +90,19 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
             torch.autograd.grad(loss, xx)
             with torch.no_grad():
                 call_generator(generator, x, y)
+            sync()
 
         row = {"size": "x".join(map(str, size)), "batch": batch, "floor_ms": 1000 * median_seconds(floor) / batch}
         for mode, (s, g, sur, scores) in loaded.items():
-            seconds = median_seconds(lambda: protect_tensor(x, y, s, g, sur, scores, batch_size=batch))
+            seconds = median_seconds(lambda: protect_tensor(x, y, s, g, sur, scores, batch_size=batch, device=device))
             row[f"release_{mode}_ms"] = 1000 * seconds / batch
             row[f"release_{mode}_x_floor"] = seconds / batch / (row["floor_ms"] / 1000)
         images, labels = torch.rand(train_images, 1, *size), torch.randint(0, 2, (train_images,))
 
         def one_epoch():
-            train_salm(images, labels, 2, epochs=1, warmup_epochs=0, batch_size=batch, epsilon=DEFAULTS["epsilon"])
+            train_salm(images, labels, 2, epochs=1, warmup_epochs=0, batch_size=batch, epsilon=DEFAULTS["epsilon"],
+                       device=device)
+            sync()
 
         seconds = median_seconds(one_epoch, repeats=3)
         row["train_ms_per_image_epoch"] = 1000 * seconds / train_images
@@ -105,35 +112,36 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
     return rows
 
 
-def child(task: str, arg: str) -> dict:
+def child(task: str, arg: str, device: str = "cpu") -> dict:
     """Run one memory-measured case in a fresh interpreter; returns its JSON line."""
-    out = subprocess.run([sys.executable, __file__, "_child", task, arg], capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, __file__, "_child", task, arg, device], capture_output=True, text=True,
+                         check=False)
     if out.returncode != 0:
         return {"case": f"{task} {arg}", "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "?"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _release_case(native: tuple[int, ...], work: tuple[int, ...], repeats: int = 3) -> dict:
+def _release_case(native: tuple[int, ...], work: tuple[int, ...], device: str = "cpu", repeats: int = 3) -> dict:
     from monai_salm.engines import load_protection
 
     tmp = Path(tempfile.mkdtemp())
-    settings, generator, surrogate, scores = load_protection(make_checkpoint(tmp / "c.pt", work))
+    settings, generator, surrogate, scores = load_protection(make_checkpoint(tmp / "c.pt", work), device)
     x = torch.rand(1, 1, *native)
     y = torch.tensor([1])
     base = peak_rss_mb()
-    seconds = median_seconds(lambda: protect_tensor(x, y, settings, generator, None, scores, batch_size=1),
-                             repeats=repeats)
+    seconds = median_seconds(
+        lambda: protect_tensor(x, y, settings, generator, None, scores, batch_size=1, device=device), repeats=repeats)
     return {"native": "x".join(map(str, native)), "work": "x".join(map(str, work)), "release_s": seconds,
             "peak_rss_mb": peak_rss_mb(), "input_mb": x.numel() * 4 / 2**20, "baseline_rss_mb": base}
 
 
-def sizes_table() -> list[dict]:
+def sizes_table(device: str = "cpu") -> list[dict]:
     rows = []
     for s in SIZES_2D:
-        rows.append(child("release", f"{s},{s}:64,64"))
+        rows.append(child("release", f"{s},{s}:64,64", device))
         print_row(rows[-1])
     for s in SIZES_3D:
-        rows.append(child("release", f"{','.join(map(str, s))}:32,32,32"))
+        rows.append(child("release", f"{','.join(map(str, s))}:32,32,32", device))
         print_row(rows[-1])
     return rows
 
@@ -301,29 +309,29 @@ def plot(results: dict, out: Path) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
-        task, arg = sys.argv[2], sys.argv[3]
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+        task, arg, device = sys.argv[2], sys.argv[3], sys.argv[4]
         if task == "release":
             native, work = (tuple(int(v) for v in part.split(",")) for part in arg.split(":"))
-            print(json.dumps(_release_case(native, work)))
+            print(json.dumps(_release_case(native, work, device)))
         elif task == "file":
             print(json.dumps(_file_case(arg)))
         elif task == "train":
             print(json.dumps(_train_case(int(arg))))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("table", choices=("floor", "sizes", "files", "train_sizes", "em", "all"))
+    parser.add_argument("tables", nargs="+", choices=("floor", "sizes", "files", "train_sizes", "em", "all"))
+    parser.add_argument("--device", default="cpu", help="torch device of the floor and sizes tables")
     parser.add_argument("--data", default="../shared/data/breastmnist_28.npz", help="em: MedMNIST .npz")
     parser.add_argument("--limit", type=int, default=256, help="em: training images used")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--plot", default=None, help="sizes: write the cost/memory figure here")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    tables = {"floor": floor_table, "sizes": sizes_table, "files": files_table, "train_sizes": train_sizes_table,
-              "em": lambda: em_table(args.data, args.limit)}
+    tables = {"floor": lambda: floor_table(device=args.device), "sizes": lambda: sizes_table(args.device),
+              "files": files_table, "train_sizes": train_sizes_table, "em": lambda: em_table(args.data, args.limit)}
     results = {}
     for name, fn in tables.items():
-        if args.table in (name, "all"):
+        if name in args.tables or "all" in args.tables:
             print(f"## {name}")
             results[name] = fn()
     if args.json:

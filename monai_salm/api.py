@@ -87,6 +87,7 @@ def train_salm(
     monitor_steps: int = DEFAULTS["monitor_steps"],
     monitor_target: float | None = None,
     robust_to: str | None = None,
+    amp: bool | None = None,
 ) -> tuple[SALMTrainer, SALMSettings]:
     """Train SALM's surrogate and generator on in-memory images.
 
@@ -108,6 +109,8 @@ def train_salm(
         monitor_target: stop once the fresh model's clean accuracy is at or below this.
         robust_to: a preprocess countermeasure (e.g. ``"median"``) the surrogate sees the protected batch through in
             half the iterations, so the noise learns to survive it (:class:`~monai_salm.engines.SALMTrainer`).
+        amp: mixed precision (MONAI's ``amp``); ``None``: on for CUDA devices. On CUDA the loaders also pin memory
+            and copies are non-blocking.
 
     Returns:
         the finished trainer (with final masks) and the settings to store in a checkpoint.
@@ -128,7 +131,10 @@ def train_salm(
     generator = NoiseGenerator(spatial_dims, in_channels, num_classes if label_conditioned else 0, **generator_kwargs)
     net = build_classifier(surrogate, spatial_dims, in_channels, num_classes)
     dataset = make_dataset(images, labels)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size)
+    cuda = torch.device(device).type == "cuda"
+    amp = cuda if amp is None else bool(amp)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
+                        pin_memory=cuda)
     trainer = SALMTrainer(
         device=device,
         max_epochs=epochs,
@@ -147,10 +153,12 @@ def train_salm(
         generator_steps=generator_steps,
         warmup_epochs=warmup_epochs,
         stop_accuracy=stop_accuracy,
-        mask_loader=DataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False),
+        mask_loader=DataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False, pin_memory=cuda),
         seed=seed,
         surrogate_view=differentiable_view(robust_to) if robust_to else None,
         train_handlers=handlers,
+        amp=amp,
+        non_blocking=cuda,
     )
     if monitor_steps > 0 and val_images is not None and val_labels is not None:
         subset = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:1024]
@@ -195,6 +203,7 @@ def protect_tensor(
     device: str | torch.device = "cpu",
     seed: int = 0,
     progress: bool = False,
+    amp: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Protect images with a trained generator: one saliency gradient (or class mask) and one generator pass each.
 
@@ -212,6 +221,8 @@ def protect_tensor(
         device: torch device.
         seed: seed of the ``random`` mask mode.
         progress: show a progress bar.
+        amp: run the networks in mixed precision (float16 on CUDA, bfloat16 on CPU); ``None``: on for CUDA. The
+            perturbation is computed in float32 either way, so the bounds are exact.
 
     Returns:
         ``(protected, masks)`` on the CPU, at the images' own size; masks are ``(N, 1, *spatial)`` bool.
@@ -231,20 +242,26 @@ def protect_tensor(
     generator = generator.to(device).eval()
     surrogate = None if surrogate is None else surrogate.to(device).eval()
     work = tuple(settings.image_size)
+    device_type = torch.device(device).type
+    amp = device_type == "cuda" if amp is None else bool(amp)
+    autocast = torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16,
+                              enabled=amp)
     rng = torch.Generator().manual_seed(seed)
     outs, masks = [], []
     for start in tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc="protect"):
-        x = images[start : start + batch_size].to(device).float()
-        y = labels[start : start + batch_size].to(device).long()
+        x = images[start : start + batch_size].to(device, non_blocking=True).float()
+        y = labels[start : start + batch_size].to(device, non_blocking=True).long()
         xw = resize_images(x, work)
         if settings.mask_mode == "class":
             mask = topk_mask(class_scores.to(device)[y], settings.k)
         elif settings.mask_mode == "random":
             mask = topk_mask(torch.rand(x.shape[0], *work, generator=rng).to(device), settings.k)
         else:
-            mask = topk_mask(saliency_scores(surrogate, xw, y), settings.k)
-        with torch.no_grad():
-            raw = call_generator(generator, xw, y)
+            with autocast:
+                scores = saliency_scores(surrogate, xw, y)
+            mask = topk_mask(scores.float(), settings.k)
+        with torch.no_grad(), autocast:
+            raw = call_generator(generator, xw, y).float()
         outs.append(perturb(x, mask, raw, settings.epsilon, settings.value_range).cpu())
         masks.append(to_grid(mask.bool(), x.shape[2:]).cpu())
     return torch.cat(outs), torch.cat(masks)

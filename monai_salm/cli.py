@@ -12,17 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monai_salm.api import DEFAULTS, protect_tensor, protection_stats, train_salm
-from monai_salm.data import (
-    SPLITS,
-    changed_pixel_fraction,
-    from_tensor,
-    load_npz,
-    save_npz,
-    split_arrays,
-    structural_similarity,
-    to_tensor,
-)
+from monai_salm.api import DEFAULTS, protect_tensor, train_salm
+from monai_salm.data import SPLITS, from_tensor, load_npz, save_npz, split_arrays, to_tensor
 from monai_salm.engines import load_protection, save_protection
 from monai_salm.evaluation import COUNTERMEASURES, RECIPES
 from monai_salm.networks import CLASSIFIERS
@@ -55,6 +46,10 @@ def _eps(text: str) -> float:
 
 def _num_classes(arrays: dict[str, np.ndarray]) -> int:
     return int(max(int(arrays[f"{s}_labels"].max()) for s in SPLITS if f"{s}_labels" in arrays and arrays[f"{s}_labels"].size)) + 1
+
+
+def _amp(args: argparse.Namespace) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[getattr(args, "amp", "auto")]
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -108,6 +103,7 @@ def _train(args: argparse.Namespace) -> dict:
         monitor_steps=args.monitor_steps,
         monitor_target=args.monitor_target,
         robust_to=args.robust_to or None,
+        amp=_amp(args),
     )
     settings = dataclasses.replace(settings, intensity=scaling.to_dict())
     save_protection(
@@ -146,133 +142,23 @@ def _slim(args: argparse.Namespace) -> dict:
     return report
 
 
-def _check_npz_scaling(args: argparse.Namespace, settings, dtype: np.dtype) -> None:
-    """A .npz is protected in the MedMNIST scaling (uint8 / 255, float as is): the checkpoint must use it too."""
-    from monai_salm.workflows import scaling_from_settings
-
-    scaling = scaling_from_settings(settings)
-    expected = (0.0, 255.0) if dtype == np.uint8 else (0.0, 1.0)
-    if scaling.kind != "range" or (scaling.lo, scaling.hi) != expected:
-        raise CLIError(
-            f"{args.checkpoint}: trained with intensity scaling {scaling.to_dict()}, but {args.data} is protected in "
-            f"the .npz scaling range:{expected[0]:g}:{expected[1]:g}; train on it with --intensity auto."
-        )
-
-
-def _npz_output(args: argparse.Namespace) -> Path:
-    """The ``--out`` file of a ``.npz`` release, refused if it exists (without ``--overwrite``) or is the input."""
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CLIError(f"{out}: already exists (pass --overwrite to replace it).")
-    if out.resolve() == Path(args.data).resolve():
-        raise CLIError(f"{out}: refusing to overwrite the input file.")
-    return out
-
-
-def _release_stats(clean: np.ndarray, protected: np.ndarray) -> dict:
-    """PSNR, SSIM, maximum change and changed-pixel fraction of a released split (uint8: 0-255, float: 0-1)."""
-    stats = protection_stats(clean, protected, 255.0 if clean.dtype == np.uint8 else 1.0)
-    stats["changed_pixel_fraction"] = changed_pixel_fraction(clean, protected)
-    stats["ssim"] = structural_similarity(clean, protected)
-    return stats
-
-
 def _protect(args: argparse.Namespace) -> dict:
-    if Path(args.data).suffix.lower() != ".npz":
-        return _protect_files(args)
-    if not 0 < args.fraction <= 1:
-        raise CLIError(f"--fraction must be in (0, 1], got {args.fraction}.")
-    if args.resume:
-        raise CLIError("--resume applies to a datalist or class folder protected into a folder, not to .npz data.")
-    out = _npz_output(args)
-    try:
-        settings, generator, surrogate, class_scores = load_protection(args.checkpoint, args.device)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from None
-    arrays = load_npz(args.data, require=())
-    if args.splits is None:
-        args.splits = [split for split in SPLITS if f"{split}_images" in arrays]
-    result = dict(arrays)
-    report = {}
-    start = time.perf_counter()
-    for split in args.splits:
-        if f"{split}_images" not in arrays:
-            raise CLIError(f"{args.data}: no split '{split}' to protect.")
-        images, labels = split_arrays(arrays, split)
-        _check_npz_scaling(args, settings, images.dtype)
-        x = to_tensor(images)
-        try:
-            protected, _ = protect_tensor(
-                x, torch.from_numpy(labels), settings, generator, surrogate, class_scores,
-                device=args.device, seed=args.seed, progress=not args.quiet,
-            )
-        except ValueError as e:
-            raise CLIError(f"{args.data}: {e}") from None
-        keep_clean = _unselected(labels, args.classes, args.fraction, args.seed)
-        protected[keep_clean] = x[keep_clean]
-        result[f"{split}_images"] = from_tensor(protected, images)
-        stats = _release_stats(images, result[f"{split}_images"])
-        stats["protected_images"] = int((~keep_clean).sum())
-        report[split] = stats
-    report["protect_seconds"] = round(time.perf_counter() - start, 2)
-    save_npz(out, result)
-    for split in args.splits:
-        s = report[split]
-        print(
-            f"{split}: changed pixels {s['changed_pixel_fraction']:.4f}, max change {s['max_abs_change']:.1f}, "
-            f"PSNR {s['psnr_db']:.2f} dB, SSIM {s['ssim']:.4f}"
-        )
-    print(json.dumps({"out": str(out), **report}))
-    return report
-
-
-def _unselected(labels: np.ndarray, classes: list[int] | None, fraction: float, seed: int) -> torch.Tensor:
-    """Images left clean: those outside ``classes``, and outside a seeded random ``fraction`` of each class."""
-    labels = torch.from_numpy(labels).long()
-    keep = torch.zeros(len(labels), dtype=torch.bool)
-    if classes:
-        keep |= ~torch.isin(labels, torch.as_tensor(classes))
-    if fraction < 1.0:
-        generator = torch.Generator().manual_seed(seed)
-        for c in labels.unique():
-            idx = torch.nonzero(labels == c).flatten()
-            idx = idx[torch.randperm(len(idx), generator=generator)]
-            keep[idx[round(fraction * len(idx)):]] = True
-    return keep
-
-
-def _protect_files(args: argparse.Namespace) -> dict:
-    """Protect a class folder or datalist into a folder: same formats and layout, plus manifest.csv."""
     import logging
 
-    from monai_salm.io import read_manifest
-    from monai_salm.workflows import protect_files
+    from monai_salm.workflows import protect_dataset
 
-    logging.getLogger("ignite").addHandler(logging.NullHandler())  # errors are reported once, below
-    if args.splits is not None or args.classes or args.fraction != 1.0:
-        raise CLIError("--splits, --classes and --fraction apply to .npz data only; a datalist or class folder is "
-                       "protected whole.")
-    out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not (args.overwrite or args.resume):
-        raise CLIError(f"{out}: output folder is not empty (pass --overwrite to write into it, or --resume to "
-                       "complete an interrupted run).")
-    start = time.perf_counter()
-    try:
-        manifest = protect_files(args.checkpoint, args.data, args.out, overwrite=args.overwrite, device=args.device,
-                                 seed=args.seed, resume=args.resume)
-    except FileNotFoundError as e:
-        raise CLIError(str(e)) from None
-    entries = read_manifest(manifest)
-    report = {
-        "out": str(args.out),
-        "manifest": str(manifest),
-        "files": len(entries),
-        "changed_voxels": int(sum(e.changed_voxels for e in entries)),
-        "max_abs_change": max((e.max_abs_change for e in entries), default=0.0),
-        "protect_seconds": round(time.perf_counter() - start, 2),
-    }
-    print(f"protected {report['files']} file(s) into {args.out}: max change {report['max_abs_change']:.4g} "
-          f"(original units), {report['changed_voxels']} changed voxels; manifest {manifest}")
+    logging.getLogger("ignite").addHandler(logging.NullHandler())  # errors are reported once, by main
+    report = protect_dataset(args.checkpoint, args.data, args.out, splits=args.splits, classes=args.classes,
+                             fraction=args.fraction, overwrite=args.overwrite, resume=args.resume, device=args.device,
+                             seed=args.seed, amp=_amp(args), progress=not args.quiet)
+    if "manifest" in report:
+        print(f"protected {report['files']} file(s) into {args.out}: max change {report['max_abs_change']:.4g} "
+              f"(original units), {report['changed_voxels']} changed voxels; manifest {report['manifest']}")
+    for split in SPLITS:
+        if split in report:
+            s = report[split]
+            print(f"{split}: changed pixels {s['changed_pixel_fraction']:.4f}, max change {s['max_abs_change']:.1f}, "
+                  f"PSNR {s['psnr_db']:.2f} dB, SSIM {s['ssim']:.4f}")
     print(json.dumps(report))
     return report
 
@@ -304,7 +190,9 @@ def _evaluate(args: argparse.Namespace) -> dict:
 def _baseline(args: argparse.Namespace) -> dict:
     from monai_salm.evaluation import error_minimizing_noise, one_pixel_shortcut, uniform_noise_in_mask
 
-    out = _npz_output(args)
+    from monai_salm.workflows.npz_release import check_npz_scaling, npz_output, release_stats
+
+    out = npz_output(args.out, args.data, args.overwrite)
     arrays = load_npz(args.data)
     images, labels = split_arrays(arrays, "train")
     x, y = to_tensor(images), torch.from_numpy(labels).long()
@@ -318,7 +206,7 @@ def _baseline(args: argparse.Namespace) -> dict:
             settings, generator, surrogate, class_scores = load_protection(args.checkpoint, args.device)
         except (ValueError, FileNotFoundError) as e:
             raise CLIError(str(e)) from None
-        _check_npz_scaling(args, settings, images.dtype)
+        check_npz_scaling(args.checkpoint, args.data, settings, images.dtype)
         _, masks = protect_tensor(x, y, settings, generator, surrogate, class_scores, device=args.device, seed=args.seed)
         protected = uniform_noise_in_mask(x, masks, args.eps or settings.epsilon, seed=args.seed)
         info["mask_from"] = str(args.checkpoint)
@@ -332,7 +220,7 @@ def _baseline(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     result = dict(arrays)
     result["train_images"] = from_tensor(protected, images)
-    stats = _release_stats(images, result["train_images"])
+    stats = release_stats(images, result["train_images"])
     save_npz(out, result)
     report = {"out": str(out), "method": args.method, "protect_seconds": round(seconds, 2), "train": stats,
               "info": {k: v for k, v in info.items() if k not in ("positions", "values")}}
@@ -381,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def amp(p):
+        p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                       help="mixed precision for the networks (auto: on for CUDA devices; the perturbation and its "
+                            "bounds are float32 either way)")
+
     p = sub.add_parser("train", help="train SALM's surrogate and generator on a labelled dataset")
     p.add_argument("--data", required=True,
                    help="MedMNIST-format .npz (train split), MONAI datalist .json ('training' list) or a folder with "
@@ -423,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=0, help="default: max label + 1")
     p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
     common(p)
+    amp(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("protect", help="protect a dataset (.npz, datalist or class folder) with a trained checkpoint")
@@ -444,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "are kept, the missing ones written, and manifest.csv covers every image (same checkpoint, "
                         "data and seed)")
     common(p)
+    amp(p)
     p.set_defaults(func=_protect)
 
     p = sub.add_parser("slim", help="write a release checkpoint without the surrogate (class and random masks)")

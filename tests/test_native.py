@@ -185,3 +185,19 @@ def test_evaluate_at_the_attackers_input_size(tmp_path):
     assert main([*args, "--victim-size", "8"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["input_size"] == [8, 8] and report["train_n"] == 10
+
+
+def test_amp_on_cpu_keeps_the_bounds(tmp_path):
+    """Mixed precision (bfloat16 autocast on CPU) trains and releases; the perturbation stays float32-exact."""
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 1, 16, 16), torch.randint(0, 2, (16,))
+    from monai_salm.api import train_salm
+
+    trainer, settings = train_salm(x, y, 2, epochs=1, warmup_epochs=0, batch_size=8, amp=True)
+    assert trainer.amp and not trainer.surrogate_scaler.is_enabled()  # no gradient scaler for bfloat16
+    out, masks = protect_tensor(x, y, settings, trainer.generator, trainer.surrogate, trainer.class_scores, amp=True)
+    assert out.dtype == torch.float32 and torch.equal(out[~masks.expand_as(x)], x[~masks.expand_as(x)])
+    assert (out - x).abs().max() <= settings.epsilon + 1e-7
+    plain, _ = protect_tensor(x, y, settings, trainer.generator, trainer.surrogate, trainer.class_scores, amp=False)
+    assert (out - plain).abs().max() <= settings.epsilon  # same masks; the noise differs only by precision
+    assert torch.equal(masks, protect_tensor(x, y, settings, trainer.generator, None, trainer.class_scores)[1])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy
 from monai.engines import IterationEvents, Trainer
+from monai.engines.workflow import Workflow
 from monai.handlers import from_engine
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
@@ -96,7 +97,10 @@ class SALMTrainer(Trainer):
             through (see :func:`monai_salm.evaluation.countermeasures.differentiable_view`).
         view_prob: probability of applying ``surrogate_view`` in an iteration.
         train_handlers: MONAI/Ignite handlers to attach.
-        kwargs: passed to :class:`monai.engines.Trainer` (``epoch_length``, ``amp``, ...).
+        kwargs: passed to :class:`monai.engines.Trainer` (``epoch_length``, ``amp``, ``non_blocking``, ...). With
+            ``amp=True`` the networks run under ``torch.autocast`` (float16 on CUDA, with a gradient scaler per
+            optimizer as MONAI's ``GanTrainer`` does; bfloat16 on CPU); the perturbation itself is always computed
+            in float32, so the epsilon bound is exact.
 
     Raises:
         ValueError: for an unknown ``mask_mode`` or a bad ``k``/``epsilon``.
@@ -163,6 +167,9 @@ class SALMTrainer(Trainer):
         self.surrogate_view = surrogate_view
         self.view_prob = float(view_prob)
         self._view_coin = torch.Generator().manual_seed(self.seed)
+        use_scaler = bool(self.amp) and self.state.device.type == "cuda"
+        self.surrogate_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.generator_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.mask_loader = mask_loader or DataLoader(
             train_data_loader.dataset, batch_size=getattr(train_data_loader, "batch_size", None) or 64, shuffle=False
         )
@@ -171,6 +178,11 @@ class SALMTrainer(Trainer):
         self.add_event_handler(Events.STARTED, self._on_started)
         self.add_event_handler(Events.EPOCH_STARTED, self._maybe_refresh_masks)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_stop)
+
+    def run(self) -> None:
+        """Run the training. The gradient scalers are this trainer's own, one per optimizer (see ``amp``), so MONAI's
+        single ``Trainer.scaler`` is not made."""
+        Workflow.run(self)
 
     # ----------------------------------------------------------------- events
     def _on_started(self, engine: Engine) -> None:
@@ -255,6 +267,12 @@ class SALMTrainer(Trainer):
         return self.masks[index.to(self.masks.device)].float()
 
     # -------------------------------------------------------------- iteration
+    def _autocast(self) -> torch.autocast:
+        """Mixed precision for the networks when ``amp`` is on (float16 on CUDA, bfloat16 on CPU)."""
+        device_type = self.state.device.type
+        dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+        return torch.autocast(device_type=device_type, dtype=dtype, enabled=bool(self.amp))
+
     def _view(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """This iteration's view of the protected batch: ``surrogate_view`` with probability ``view_prob``."""
         if self.surrogate_view is None or float(torch.rand((), generator=self._view_coin)) >= self.view_prob:
@@ -270,14 +288,16 @@ class SALMTrainer(Trainer):
 
         # surrogate step: min over f of CE(f(x'), y), noise fixed
         self.generator.train()
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             protected = perturb(x, mask, call_generator(self.generator, x, y), self.epsilon, self.value_range)
         self.surrogate.train()
         self.surrogate_optimizer.zero_grad(set_to_none=True)
-        logits = self.surrogate(view(protected))
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        self.surrogate_optimizer.step()
+        with self._autocast():
+            logits = self.surrogate(view(protected))
+            loss = F.cross_entropy(logits.float(), y)
+        self.surrogate_scaler.scale(loss).backward()
+        self.surrogate_scaler.step(self.surrogate_optimizer)
+        self.surrogate_scaler.update()
 
         # generator steps: min over G of CE(f(x'), y), surrogate fixed
         params = list(self.surrogate.parameters())
@@ -288,12 +308,14 @@ class SALMTrainer(Trainer):
         try:
             for _ in range(self.generator_steps):
                 self.generator_optimizer.zero_grad(set_to_none=True)
-                raw = call_generator(self.generator, x, y)
-                generator_loss = F.cross_entropy(
-                    self.surrogate(view(perturb(x, mask, raw, self.epsilon, self.value_range))), y
-                )
-                generator_loss.backward()
-                self.generator_optimizer.step()
+                with self._autocast():
+                    raw = call_generator(self.generator, x, y)
+                    generator_loss = F.cross_entropy(
+                        self.surrogate(view(perturb(x, mask, raw, self.epsilon, self.value_range))).float(), y
+                    )
+                self.generator_scaler.scale(generator_loss).backward()
+                self.generator_scaler.step(self.generator_optimizer)
+                self.generator_scaler.update()
         finally:
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)

@@ -10,9 +10,11 @@ functions and classes here, so a dataset is read, scaled, checked, protected and
 - :class:`BundleNoiseGenerator`, :func:`make_settings`, :class:`ProtectedValidationInferer`,
   :class:`SaveProtection`: the pieces of the bundle's training config around
   :class:`~monai_salm.engines.SALMTrainer`;
-- :func:`load_checkpoint`, :class:`ProtectionDataset`, :class:`ProtectInferer`, :class:`ProtectedCopySaver`,
-  :func:`protect_evaluator`, :func:`protect_files`: protect every image of a dataset with a checkpoint and write
-  the copy in the same formats and layout, with a manifest (``resume=True`` completes an interrupted run).
+- :func:`protect_dataset`: protect any dataset with a checkpoint, every image at its own size: a ``.npz`` into a
+  ``.npz`` (:func:`protect_npz`), a datalist or class folder into a folder of copies in the same formats and layout,
+  with a manifest (:func:`load_checkpoint`, :class:`ProtectionDataset`, :class:`ProtectInferer`,
+  :class:`ProtectedCopySaver`, :func:`protect_evaluator`, :func:`protect_files`; ``resume=True`` completes an
+  interrupted run).
 
 Modules, one job each (every name is also importable from ``monai_salm.workflows``):
 
@@ -20,14 +22,16 @@ Modules, one job each (every name is also importable from ``monai_salm.workflows
 - :mod:`~monai_salm.workflows.arrays`: :class:`TrainingArrays`, :func:`load_training_arrays`;
 - :mod:`~monai_salm.workflows.split`: :func:`has_validation`, :func:`split_validation`, :class:`SALMData`,
   :func:`load_train_val`;
-- :mod:`~monai_salm.workflows.networks`: :class:`NetworkShape`, :func:`network_shape`,
+- :mod:`~monai_salm.workflows.bundle_networks`: :class:`NetworkShape`, :func:`network_shape`,
   :class:`BundleNoiseGenerator`;
 - :mod:`~monai_salm.workflows.training`: :func:`make_settings`, :class:`ProtectedValidationInferer`,
   :class:`SaveProtection`;
-- :mod:`~monai_salm.workflows.checkpoint`: :class:`Protection`, :func:`load_checkpoint`;
 - :mod:`~monai_salm.workflows.dataset`: :class:`ProtectionDataset`;
 - :mod:`~monai_salm.workflows.saver`: :class:`ProtectedCopySaver`;
-- :mod:`~monai_salm.workflows.protect`: :class:`ProtectInferer`, :func:`protect_evaluator`, :func:`protect_files`;
+- :mod:`~monai_salm.workflows.protect`: :class:`Protection`, :func:`load_checkpoint`, :class:`ProtectInferer`,
+  :func:`protect_evaluator`, :func:`protect_files` and :func:`protect_dataset`, the one release entry point for
+  every form of dataset;
+- :mod:`~monai_salm.workflows.npz_release`: :func:`protect_npz` (a MedMNIST-style ``.npz`` release);
 - :mod:`~monai_salm.workflows.summary`: :func:`log_checkpoint`, :func:`log_manifest`;
 - :mod:`~monai_salm.workflows.evaluate`: :func:`run_evaluation` (``monai-salm evaluate``, ``configs/evaluate.json``).
 
@@ -36,12 +40,19 @@ The SALM math itself lives in :mod:`monai_salm.api`, :mod:`monai_salm.engines` a
 """
 
 from monai_salm.workflows.arrays import TrainingArrays, load_training_arrays
-from monai_salm.workflows.checkpoint import Protection, load_checkpoint
 from monai_salm.workflows.dataset import ProtectionDataset
 from monai_salm.workflows.evaluate import run_evaluation
 from monai_salm.workflows.intensity import parse_intensity, scaling_from_settings
-from monai_salm.workflows.networks import BundleNoiseGenerator, NetworkShape, network_shape
-from monai_salm.workflows.protect import ProtectInferer, protect_evaluator, protect_files
+from monai_salm.workflows.bundle_networks import BundleNoiseGenerator, NetworkShape, network_shape
+from monai_salm.workflows.npz_release import protect_npz
+from monai_salm.workflows.protect import (
+    Protection,
+    ProtectInferer,
+    load_checkpoint,
+    protect_dataset,
+    protect_evaluator,
+    protect_files,
+)
 from monai_salm.workflows.saver import ProtectedCopySaver
 from monai_salm.workflows.split import SALMData, has_validation, load_train_val, split_validation
 from monai_salm.workflows.summary import log_checkpoint, log_manifest
@@ -70,6 +81,8 @@ __all__ = [
     "ProtectedCopySaver",
     "protect_evaluator",
     "protect_files",
+    "protect_dataset",
+    "protect_npz",
     "log_checkpoint",
     "log_manifest",
     "run_evaluation",

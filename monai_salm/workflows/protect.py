@@ -1,10 +1,12 @@
-"""Protect every image of a dataset with a checkpoint: the inferer, the evaluator and :func:`protect_files`."""
+"""Protect every image of a dataset with a checkpoint: loading it, the inferer, the evaluator and :func:`protect_files`."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from monai.data import DataLoader
@@ -12,12 +14,37 @@ from monai.engines import PrepareBatchExtraInput, SupervisedEvaluator
 from monai.inferers import Inferer
 
 from monai_salm.api import protect_tensor
-from monai_salm.engines import SALMSettings
-from monai_salm.workflows.checkpoint import Protection, load_checkpoint
+from monai_salm.engines import SALMSettings, load_protection
+from monai_salm.io import IntensityScaling, read_manifest
+from monai_salm.io.utils import full_suffix
 from monai_salm.workflows.dataset import ProtectionDataset
+from monai_salm.workflows.intensity import scaling_from_settings
+from monai_salm.workflows.npz_release import protect_npz
 from monai_salm.workflows.saver import ProtectedCopySaver
 
-__all__ = ["ProtectInferer", "protect_evaluator", "protect_files"]
+__all__ = ["Protection", "load_checkpoint", "ProtectInferer", "protect_evaluator", "protect_files", "protect_dataset"]
+
+
+class Protection(NamedTuple):
+    """A loaded checkpoint: what :func:`monai_salm.api.protect_tensor` needs, plus the intensity scaling."""
+
+    settings: SALMSettings
+    generator: torch.nn.Module
+    surrogate: torch.nn.Module | None  # None for a slim release checkpoint
+    class_scores: torch.Tensor | None
+    scaling: IntensityScaling
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> Protection:
+    """Load a monai-salm checkpoint (:func:`monai_salm.engines.load_protection`) with its intensity scaling.
+
+    Raises:
+        ValueError: for a missing or invalid checkpoint.
+    """
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: checkpoint not found.")
+    settings, generator, surrogate, class_scores = load_protection(path, device)
+    return Protection(settings, generator, surrogate, class_scores, scaling_from_settings(settings))
 
 
 class ProtectInferer(Inferer):
@@ -29,17 +56,19 @@ class ProtectInferer(Inferer):
     Args:
         settings, surrogate, class_scores: from the checkpoint (:func:`load_checkpoint`).
         seed: seed of the random-mask ablation.
+        amp: mixed precision for the networks (``None``: on for CUDA), see :func:`~monai_salm.api.protect_tensor`.
     """
 
-    def __init__(self, settings: SALMSettings, surrogate: torch.nn.Module, class_scores: torch.Tensor | None = None,
-                 seed: int = 0) -> None:
+    def __init__(self, settings: SALMSettings, surrogate: torch.nn.Module | None,
+                 class_scores: torch.Tensor | None = None, seed: int = 0, amp: bool | None = None) -> None:
         super().__init__()
         self.settings, self.surrogate, self.class_scores, self.seed = settings, surrogate, class_scores, seed
+        self.amp = amp
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, labels: torch.Tensor, *args, **kwargs):
         protected, _ = protect_tensor(
             inputs, labels, self.settings, network, self.surrogate, self.class_scores,
-            batch_size=max(1, inputs.shape[0]), device=inputs.device, seed=self.seed,
+            batch_size=max(1, inputs.shape[0]), device=inputs.device, seed=self.seed, amp=self.amp,
         )
         return protected.to(inputs.device)
 
@@ -53,20 +82,23 @@ def protect_evaluator(
     handlers: Sequence | None = None,
     seed: int = 0,
     resume: bool = False,
+    amp: bool | None = None,
 ) -> tuple[SupervisedEvaluator, ProtectedCopySaver]:
     """The evaluator of ``bundles/salm_protect/configs/inference.json``, built in Python.
 
-    ``overwrite`` and ``resume`` are those of :class:`ProtectedCopySaver`.
+    ``overwrite`` and ``resume`` are those of :class:`ProtectedCopySaver`; ``amp`` that of :class:`ProtectInferer`.
 
     Returns:
         ``(evaluator, saver)``; ``evaluator.run()`` writes the copy, then ``saver.manifest_path`` is the manifest.
     """
     saver = ProtectedCopySaver(dataset, output_dir, overwrite=overwrite, resume=resume)
+    cuda = torch.device(device).type == "cuda"
     evaluator = SupervisedEvaluator(
         device=torch.device(device),
-        val_data_loader=DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0),
+        val_data_loader=DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0, pin_memory=cuda),
+        non_blocking=cuda,
         network=protection.generator,
-        inferer=ProtectInferer(protection.settings, protection.surrogate, protection.class_scores, seed=seed),
+        inferer=ProtectInferer(protection.settings, protection.surrogate, protection.class_scores, seed=seed, amp=amp),
         prepare_batch=PrepareBatchExtraInput({"labels": "label"}),
         val_handlers=[saver, *(handlers or [])],
         decollate=False,
@@ -82,6 +114,7 @@ def protect_files(
     device: str | torch.device = "cpu",
     seed: int = 0,
     resume: bool = False,
+    amp: bool | None = None,
 ) -> Path:
     """Protect every image of a dataset and write the copy (same formats and relative layout) plus a manifest.
 
@@ -99,6 +132,7 @@ def protect_files(
         resume: complete an interrupted run into ``output_dir``: images whose copy is already there are kept (not
             written again) and measured for the manifest, the others are protected and written; use the same
             checkpoint, data and seed as the interrupted run.
+        amp: mixed precision for the networks (``None``: on for CUDA devices).
 
     Returns:
         the manifest path (``output_dir/manifest.csv``).
@@ -110,6 +144,63 @@ def protect_files(
     """
     protection = load_checkpoint(checkpoint, device)
     dataset = ProtectionDataset(source, protection.scaling, protection.settings)
-    evaluator, saver = protect_evaluator(protection, dataset, output_dir, overwrite, device, seed=seed, resume=resume)
+    evaluator, saver = protect_evaluator(protection, dataset, output_dir, overwrite, device, seed=seed, resume=resume,
+                                         amp=amp)
     evaluator.run()
     return saver.manifest_path
+
+
+def protect_dataset(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    splits: Sequence[str] | None = None,
+    classes: Sequence[int] | None = None,
+    fraction: float = 1.0,
+    overwrite: bool = False,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    amp: bool | None = None,
+    progress: bool = False,
+) -> dict:
+    """Protect a dataset in whatever form it comes: the one release entry point (``monai-salm protect``).
+
+    A ``.npz`` becomes a protected ``.npz`` (:func:`~monai_salm.workflows.npz_release.protect_npz`; ``splits``,
+    ``classes`` and ``fraction`` apply to it); a datalist or class folder becomes a folder of protected copies in
+    the same formats and layout, with a manifest (:func:`protect_files`; ``resume`` applies to it). Images of any
+    size are protected at their own size.
+
+    Returns:
+        the ``.npz`` report (per split statistics), or for files ``{"out", "manifest", "files", "changed_voxels",
+        "max_abs_change"}``; both with ``protect_seconds``.
+
+    Raises:
+        ValueError: naming the file, for bad inputs or options that do not apply to the data's form.
+    """
+    if full_suffix(data) == ".npz":
+        if resume:
+            raise ValueError("--resume applies to a datalist or class folder protected into a folder, not to .npz data.")
+        return protect_npz(checkpoint, data, out, splits, classes, fraction, overwrite, device, seed, amp, progress)
+    if splits is not None or classes or fraction != 1.0:
+        raise ValueError("--splits, --classes and --fraction apply to .npz data only; a datalist or class folder is "
+                         "protected whole.")
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise ValueError(f"{out}: output folder is not empty (pass --overwrite to write into it, or --resume to "
+                         "complete an interrupted run).")
+    start = time.perf_counter()
+    try:
+        manifest = protect_files(checkpoint, data, out, overwrite=overwrite, device=device, seed=seed, resume=resume,
+                                 amp=amp)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    entries = read_manifest(manifest)
+    return {
+        "out": str(out),
+        "manifest": str(manifest),
+        "files": len(entries),
+        "changed_voxels": int(sum(e.changed_voxels for e in entries)),
+        "max_abs_change": max((e.max_abs_change for e in entries), default=0.0),
+        "protect_seconds": round(time.perf_counter() - start, 2),
+    }
