@@ -589,3 +589,24 @@ def test_bundle_dicom_series(tmp_path):
     resumed = read_manifest(out / "manifest.csv")
     assert [r.output_path for r in resumed] == [r.output_path for r in rows]
     assert [r for r in resumed if r in rows] == [r for r in rows if not r.output_path.startswith(str(partial))]
+
+
+def test_bundle_mixed_sizes_with_a_work_size(tmp_path):
+    """Training reads images of several sizes onto ``work_size``; inference protects each at its own size."""
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("benign", "malignant")):
+        (data / name).mkdir(parents=True)
+        for i, size in enumerate(((16, 16), (24, 20), (13, 31))):
+            a = np.clip(rng.integers(0, 120, size) + 100 * label, 0, 255).astype(np.uint8)
+            PIL.fromarray(a).save(data / name / f"img{i}.png")
+    bundle_root = tmp_path / "bundle"
+    run_workflow("train.json", "train", bundle_root=str(bundle_root), dataset_dir=str(data), work_size=16,
+                 **{**TINY, "val_fraction": 0.0})
+    settings = load_protection(bundle_root / "models" / "model.pt")[0]
+    assert settings.image_size == (16, 16)
+    out = tmp_path / "protected"
+    run_workflow("inference.json", "infer", bundle_root=str(bundle_root), dataset_dir=str(data), output_dir=str(out))
+    for src in sorted(data.rglob("*.png")):
+        a, b = read_image(src)[0], read_image(out / src.relative_to(data))[0]
+        assert a.shape == b.shape and 0 < np.abs(a - b).max() <= 20
