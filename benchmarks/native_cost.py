@@ -7,6 +7,7 @@ process per case, so each peak is its own). Ratios, not absolute times, are what
     python benchmarks/native_cost.py sizes            # class-mask release time and peak memory against native size
     python benchmarks/native_cost.py files            # 512x512x300 CT (NIfTI, DICOM series), 2048^2 radiograph
     python benchmarks/native_cost.py train_sizes      # training time/memory at a fixed working grid vs native size
+    python benchmarks/native_cost.py decode           # decoding a NIfTI folder once vs once per epoch
     python benchmarks/native_cost.py em --data ../shared/data/breastmnist_28.npz   # EM's time vs SALM's
     python benchmarks/native_cost.py all --json docs/figures/native_cost.json      # everything; plots with --plot
     python benchmarks/native_cost.py floor sizes --device cuda                      # the CUDA path (AMP on)
@@ -37,6 +38,8 @@ from monai_salm.transforms.functional import call_generator
 
 SIZES_2D = [28, 64, 128, 256, 512, 1024, 2048]
 SIZES_3D = [(28, 28, 28), (64, 64, 64), (128, 128, 128), (256, 256, 256), (512, 512, 300)]
+#: largest native size (positions) at which the sizes table also times the floor
+FLOOR_NATIVE_MAX = 512 * 512
 
 
 def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
@@ -51,6 +54,13 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory (``VmHWM``: unlike ``ru_maxrss``, not inherited from a forking parent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -131,8 +141,21 @@ def _release_case(native: tuple[int, ...], work: tuple[int, ...], device: str = 
     base = peak_rss_mb()
     seconds = median_seconds(
         lambda: protect_tensor(x, y, settings, generator, None, scores, batch_size=1, device=device), repeats=repeats)
-    return {"native": "x".join(map(str, native)), "work": "x".join(map(str, work)), "release_s": seconds,
-            "peak_rss_mb": peak_rss_mb(), "input_mb": x.numel() * 4 / 2**20, "baseline_rss_mb": base}
+    row = {"native": "x".join(map(str, native)), "work": "x".join(map(str, work)), "release_s": seconds,
+           "peak_rss_mb": peak_rss_mb(), "input_mb": x.numel() * 4 / 2**20, "baseline_rss_mb": base}
+    if np.prod(native) <= FLOOR_NATIVE_MAX:  # what a per-image method working at the native size pays at least
+        floor_generator = NoiseGenerator(len(native), 1, 2).to(device).eval()
+        surrogate = build_classifier("resnet18", len(native), 1, 2).to(device).eval()
+
+        def floor():
+            xx = x.to(device).clone().requires_grad_(True)
+            torch.autograd.grad(torch.nn.functional.cross_entropy(surrogate(xx), y.to(device)), xx)
+            with torch.no_grad():
+                floor_generator(xx.detach(), y.to(device))
+
+        row["floor_native_s"] = median_seconds(floor, repeats=repeats)
+        row["release_x_floor_native"] = seconds / row["floor_native_s"]
+    return row
 
 
 def sizes_table(device: str = "cpu") -> list[dict]:
@@ -260,6 +283,34 @@ def train_sizes_table() -> list[dict]:
     return rows
 
 
+def decode_table(n: int = 16, shape=(96, 96, 64), work: int = 32) -> list[dict]:
+    """Decoding a folder of NIfTI volumes once (what training does) against an epoch of training on the decoded grid.
+
+    Training reads every file once into memory on the working grid (as a MONAI ``CacheDataset`` with a full cache
+    would); decoding every epoch instead would add the decode pass to each epoch.
+    """
+    import nibabel as nib
+
+    from monai_salm.workflows import load_training_arrays
+
+    root = Path(tempfile.mkdtemp())
+    rng = np.random.default_rng(0)
+    for label in range(2):
+        (root / str(label)).mkdir()
+        for i in range(n // 2):
+            vol = (rng.normal(0, 200, shape) + 100 * label).astype(np.int16)
+            nib.save(nib.Nifti1Image(vol, np.eye(4)), root / str(label) / f"v{i}.nii.gz")
+    decode = median_seconds(lambda: load_training_arrays(root, "window:-1000:1000", work_size=work), repeats=3,
+                            warmup=0)
+    data = load_training_arrays(root, "window:-1000:1000", work_size=work)
+    epoch = median_seconds(lambda: train_salm(data.images, data.labels, 2, epochs=1, warmup_epochs=0, batch_size=8,
+                                              epsilon=DEFAULTS["epsilon"]), repeats=3, warmup=0)
+    row = {"files": n, "shape": "x".join(map(str, shape)), "work": work, "decode_s": decode, "epoch_s": epoch,
+           "decode_every_epoch_x": (decode + epoch) / epoch}
+    print_row(row)
+    return [row]
+
+
 def em_table(data: str, limit: int) -> list[dict]:
     """EM's time to its protection against SALM's (training + release), on the same images."""
     from monai_salm.data import load_npz, split_arrays, to_tensor
@@ -319,7 +370,8 @@ def main() -> None:
             print(json.dumps(_train_case(int(arg))))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("tables", nargs="+", choices=("floor", "sizes", "files", "train_sizes", "em", "all"))
+    parser.add_argument("tables", nargs="+",
+                        choices=("floor", "sizes", "files", "train_sizes", "decode", "em", "all"))
     parser.add_argument("--device", default="cpu", help="torch device of the floor and sizes tables")
     parser.add_argument("--data", default="../shared/data/breastmnist_28.npz", help="em: MedMNIST .npz")
     parser.add_argument("--limit", type=int, default=256, help="em: training images used")
@@ -328,7 +380,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     tables = {"floor": lambda: floor_table(device=args.device), "sizes": lambda: sizes_table(args.device),
-              "files": files_table, "train_sizes": train_sizes_table, "em": lambda: em_table(args.data, args.limit)}
+              "files": files_table, "train_sizes": train_sizes_table, "decode": decode_table,
+              "em": lambda: em_table(args.data, args.limit)}
     results = {}
     for name, fn in tables.items():
         if name in args.tables or "all" in args.tables:

@@ -26,7 +26,7 @@ from monai.data import load_decathlon_datalist
 from monai.utils import optional_import
 
 from monai_salm.data.medmnist import is_rgb, load_npz
-from monai_salm.io.utils import full_suffix
+from monai_salm.io.utils import elementwise, full_suffix
 
 PILImage, has_pil = optional_import("PIL.Image")
 itk, has_itk = optional_import("itk")
@@ -365,8 +365,10 @@ def _dicom_frames(ds: pydicom.Dataset, path: Path) -> tuple[np.ndarray, np.dtype
     spp = int(ds.get("SamplesPerPixel", 1))
     stored = stored.reshape(_num_frames(ds), int(ds.Rows), int(ds.Columns), spp)
     slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    values = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
-    return values, stored.dtype.newbyteorder("="), slope, intercept
+    values = elementwise(lambda v: v.astype(np.float64) * slope + intercept, np.float32, stored)
+    dtype = stored.dtype.newbyteorder("=")
+    del ds.PixelData  # decoded: the dataset stays as the copy's header template, without its pixel bytes and cache
+    return values, dtype, slope, intercept
 
 
 def _read_dicom(path: Path, record: ImageRecord | None) -> tuple[np.ndarray, ImageMeta]:
@@ -382,16 +384,17 @@ def _read_dicom(path: Path, record: ImageRecord | None) -> tuple[np.ndarray, Ima
 
 def _read_dicom_series(folder: Path, record: ImageRecord | None) -> tuple[np.ndarray, ImageMeta]:
     files, datasets = _series(folder, stop_before_pixels=False)
-    slices, slopes, intercepts, dtypes = [], [], [], set()
-    for p, ds in zip(files, datasets):
+    array, slopes, intercepts, dtypes = None, [], [], set()
+    for k, (p, ds) in enumerate(zip(files, datasets)):
         frames, dtype, slope, intercept = _dicom_frames(ds, p)
-        slices.append(frames[0].transpose(2, 1, 0))  # (C, cols, rows)
+        if array is None:  # filled slice by slice: no list of slices next to the volume
+            array = np.empty((frames.shape[3], frames.shape[2], frames.shape[1], len(files)), dtype=np.float32)
+        array[..., k] = frames[0].transpose(2, 1, 0)  # (C, cols, rows)
         slopes.append(slope)
         intercepts.append(intercept)
         dtypes.add(dtype)
     if len(dtypes) > 1:
         raise ValueError(f"{folder}: slices store different pixel types {sorted(map(str, dtypes))}.")
-    array = np.stack(slices, axis=-1)
     meta = ImageMeta("dicom_series", folder, dtypes.pop(), array.shape, datasets=datasets, files=files,
                      slopes=slopes, intercepts=intercepts)
     return array, meta
