@@ -150,7 +150,7 @@ def _read_checked(records: Sequence[ImageRecord], reference: tuple[Path, int] | 
     count (of ``reference`` when given), and without ``work_size`` the spatial size."""
     arrays, dtypes = [], []
     ref_path, ref_channels = reference if reference is not None else (None, None)
-    work = None
+    work = first = None
     for record in records:
         array, meta = read_image(record)
         if not np.isfinite(array).all():
@@ -163,18 +163,17 @@ def _read_checked(records: Sequence[ImageRecord], reference: tuple[Path, int] | 
         if work_size is not None:
             work = work or parse_work_size(work_size, array.ndim - 1)
             array = _resized(array, work)
+        elif first is None:
+            first = (record.path, array.shape[1:])
+        elif array.shape[1:] != first[1]:
+            raise ValueError(
+                f"{record.path}: image size {tuple(array.shape[1:])} differs from {tuple(first[1])} of {first[0]}. "
+                "Images of different sizes are read onto one working grid: set its size (monai-salm train "
+                "--work-size, evaluate --victim-size, the bundle's work_size); a checkpoint protects every image at "
+                "its own size."
+            )
         arrays.append(array)
         dtypes.append(meta.dtype)
-    sizes: dict[tuple[int, ...], Path] = {}
-    for array, record in zip(arrays, records):
-        sizes.setdefault(array.shape[1:], record.path)
-    if len(sizes) > 1:
-        (size_a, path_a), (size_b, path_b) = list(sizes.items())[:2]
-        raise ValueError(
-            f"{path_b}: image size {tuple(size_b)} differs from {tuple(size_a)} of {path_a}. Images of different "
-            "sizes are read onto one working grid: set its size (monai-salm train --work-size, evaluate "
-            "--victim-size, the bundle's work_size); a checkpoint protects every image at its own size."
-        )
     return arrays, dtypes
 
 
