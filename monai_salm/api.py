@@ -14,7 +14,7 @@ from monai.utils import CommonKeys as Keys
 from monai.utils import set_determinism
 from tqdm.auto import tqdm
 
-from monai_salm.engines import FreshModelMonitor, SALMSettings, SALMTrainer
+from monai_salm.engines import MAX_CLASSES, FreshModelMonitor, SALMSettings, SALMTrainer
 from monai_salm.evaluation.countermeasures import differentiable_view
 from monai_salm.networks import NoiseGenerator, build_classifier
 from monai_salm.transforms.functional import (
@@ -27,7 +27,7 @@ from monai_salm.transforms.functional import (
     topk_mask,
 )
 
-__all__ = ["DEFAULTS", "make_dataset", "train_salm", "protect_tensor", "protection_stats"]
+__all__ = ["DEFAULTS", "MAX_CLASSES", "make_dataset", "train_salm", "protect_tensor", "protection_stats"]
 
 #: Defaults chosen by the sweep in docs/results.md.
 DEFAULTS: dict[str, Any] = {
@@ -118,6 +118,9 @@ def train_salm(
     Raises:
         ValueError: for labels out of range or bad ``k``/``epsilon``.
     """
+    if not 2 <= int(num_classes) <= MAX_CLASSES:
+        raise ValueError(f"SALM needs 2 to {MAX_CLASSES} classes, got {num_classes} (labels must be class indices "
+                         "0, 1, ...).")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}].")
     resolve_k(k, math.prod(images.shape[2:]))
@@ -262,9 +265,30 @@ def protect_tensor(
             mask = topk_mask(scores.float(), settings.k)
         with torch.no_grad(), autocast:
             raw = call_generator(generator, xw, y).float()
-        outs.append(perturb(x, mask, raw, settings.epsilon, settings.value_range).cpu())
-        masks.append(to_grid(mask.bool(), x.shape[2:]).cpu())
+        out = perturb(x, mask, raw, settings.epsilon, settings.value_range)
+        inside = to_grid(mask.bool(), x.shape[2:])
+        _check_release(x, out, inside, settings.epsilon)
+        outs.append(out.cpu())
+        masks.append(inside.cpu())
     return torch.cat(outs), torch.cat(masks)
+
+
+def _check_release(clean: torch.Tensor, protected: torch.Tensor, inside: torch.Tensor, epsilon: float,
+                   slab: int = 1 << 22) -> None:
+    """Refuse a release that breaks its guarantees: finite, unchanged outside the mask, at most epsilon inside.
+
+    Checked slab by slab, so a large volume needs no full-size temporaries.
+    """
+    flat_clean, flat_protected = clean.reshape(-1), protected.reshape(-1)
+    flat_inside = inside.expand_as(clean).reshape(-1)
+    for start in range(0, flat_clean.numel(), slab):
+        c, p, m = (t[start : start + slab] for t in (flat_clean, flat_protected, flat_inside))
+        if not bool(torch.isfinite(p[m]).all()):
+            raise ValueError("the generator produced NaN or infinite values: the checkpoint is broken; nothing "
+                             "written.")
+        if bool((p[~m] != c[~m]).any()) or bool(((p[m] - c[m]).abs() > epsilon * 1.0001).any()):
+            raise ValueError(f"the protected images break the release bounds (at most {epsilon:.6g} inside the "
+                             "mask, no change outside); nothing written.")
 
 
 def protection_stats(clean, protected, data_range: float = 255.0) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,17 @@ def _k(text: str) -> float | int:
         raise argparse.ArgumentTypeError(f"k must be a fraction in (0, 1] or an integer count, got {text!r}") from None
 
 
+def _count(text: str) -> int:
+    """A non-negative integer (``--limit``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
 def _eps(text: str) -> float:
     """``8/255`` or ``0.03``."""
     try:
@@ -57,9 +69,22 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _check_checkpoint_output(out: str, data: str) -> None:
+    """Refuse, before any training, an output that is the input, a folder, or in a folder that cannot be written."""
+    out_path = Path(out)
+    if out_path.resolve() == Path(data).resolve():
+        raise CLIError(f"{out}: --out is the training data; refusing to overwrite it.")
+    if out_path.is_dir():
+        raise CLIError(f"{out}: is a folder; --out is the checkpoint file to write.")
+    parent = next((p for p in out_path.resolve().parents if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK):
+        raise CLIError(f"{out}: cannot write there ({parent} is not writable).")
+
+
 def _train(args: argparse.Namespace) -> dict:
     from monai_salm.workflows import has_validation, load_training_arrays, resolve_epsilon
 
+    _check_checkpoint_output(args.out, args.data)
     data = load_training_arrays(args.data, args.intensity, ("training",), limit=args.limit or None,
                                 work_size=args.work_size)
     x, labels = data.images, data.labels
@@ -314,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train through a preprocess countermeasure (e.g. median, blur, resample, bitdepth:4) applied "
                         "to half the batches, so the protection survives it")
     p.add_argument("--num-classes", type=int, default=0, help="default: max label + 1")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
+    p.add_argument("--limit", type=_count, default=0, help="use only the first N training images")
     common(p)
     amp(p)
     p.set_defaults(func=_train)
@@ -391,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated countermeasures the victim applies, NAME or NAME:PARAM: "
                         + "; ".join(f"{k} ({v})" for k, v in COUNTERMEASURES.items()))
     p.add_argument("--intensity", default="auto", help="intensity scaling of the training data (see train --help)")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
+    p.add_argument("--limit", type=_count, default=0, help="use only the first N training images")
     common(p)
     p.set_defaults(func=_evaluate)
 

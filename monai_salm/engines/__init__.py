@@ -1,4 +1,5 @@
 from monai_salm.engines.checkpoint import (
+    MAX_CLASSES,
     SALMSettings,
     load_protection,
     protection_transforms,

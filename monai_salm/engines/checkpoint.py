@@ -15,7 +15,7 @@ from monai.transforms import Compose
 from monai_salm.io.utils import atomic_path
 from monai_salm.networks import NoiseGenerator, build_classifier
 from monai_salm.transforms import ApplyUnlearnableNoised, SaliencyMaskd
-from monai_salm.transforms.functional import epsilon_for_psnr
+from monai_salm.transforms.functional import epsilon_for_psnr, resolve_k
 
 __all__ = [
     "SALMSettings",
@@ -24,9 +24,13 @@ __all__ = [
     "slim_protection",
     "protection_transforms",
     "CHECKPOINT_FORMAT",
+    "MAX_CLASSES",
 ]
 
 CHECKPOINT_FORMAT = "monai-salm-checkpoint/1"
+
+#: the most classes a SALM generator is built for: its label maps and class patterns grow with the class count
+MAX_CLASSES = 1000
 
 
 @dataclasses.dataclass
@@ -96,6 +100,33 @@ def save_protection(
     return path
 
 
+def _check_settings(path, s: SALMSettings) -> None:
+    """Refuse settings no training run writes: a checkpoint is a file anyone may have edited."""
+    from monai_salm.engines.trainer import MASK_MODES
+
+    lo, hi = s.value_range
+    problems = []
+    if s.spatial_dims not in (2, 3) or len(s.image_size) != s.spatial_dims or min(s.image_size, default=0) < 1:
+        problems.append(f"spatial_dims {s.spatial_dims} with image_size {s.image_size}")
+    if not 1 <= s.in_channels <= 16:
+        problems.append(f"in_channels {s.in_channels}")
+    if not 2 <= s.num_classes <= MAX_CLASSES:
+        problems.append(f"num_classes {s.num_classes}")
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        problems.append(f"value_range {s.value_range}")
+    elif not (math.isfinite(s.epsilon) and 0 < s.epsilon <= hi - lo):
+        problems.append(f"epsilon {s.epsilon} (must be in (0, {hi - lo}])")
+    if s.mask_mode not in MASK_MODES:
+        problems.append(f"mask_mode {s.mask_mode!r}")
+    if not problems:
+        try:
+            resolve_k(s.k, math.prod(s.image_size))
+        except ValueError:
+            problems.append(f"k {s.k!r}")
+    if problems:
+        raise ValueError(f"{path}: invalid checkpoint settings: {'; '.join(problems)}.")
+
+
 def load_protection(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[SALMSettings, torch.nn.Module, torch.nn.Module | None, torch.Tensor | None]:
@@ -114,10 +145,14 @@ def load_protection(
         raise ValueError(f"{path}: not a readable monai-salm checkpoint ({type(e).__name__}: {e}).") from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a monai-salm checkpoint (missing format {CHECKPOINT_FORMAT!r}).")
-    raw = dict(payload["settings"])
-    raw["image_size"] = tuple(raw["image_size"])
-    raw["value_range"] = tuple(raw["value_range"])
-    settings = SALMSettings(**raw)
+    try:
+        raw = dict(payload["settings"])
+        raw["image_size"] = tuple(int(v) for v in raw["image_size"])
+        raw["value_range"] = tuple(float(v) for v in raw["value_range"])
+        settings = SALMSettings(**raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid settings in the checkpoint ({type(e).__name__}: {e}).") from None
+    _check_settings(path, settings)
     generator = NoiseGenerator(
         settings.spatial_dims,
         settings.in_channels,
@@ -125,6 +160,11 @@ def load_protection(
         **settings.generator,
     )
     generator.load_state_dict(payload["generator"])
+    tensors = [("generator", v) for v in payload["generator"].values()]
+    tensors += [("class_scores", payload["class_scores"])] if payload.get("class_scores") is not None else []
+    for name, value in tensors:
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{path}: the checkpoint's {name} holds NaN or infinite values.")
     surrogate = None
     if payload.get("surrogate") is not None:
         surrogate = build_classifier(settings.surrogate, settings.spatial_dims, settings.in_channels,

@@ -34,6 +34,10 @@ def npz_output(out: str | os.PathLike, data: str | os.PathLike, overwrite: bool 
         ValueError: naming the file.
     """
     out = Path(out)
+    if out.suffix.lower() != ".npz":
+        raise ValueError(f"{out}: a .npz release is written to a .npz file; give --out a .npz name.")
+    if out.is_dir():
+        raise ValueError(f"{out}: is a folder; a .npz release is written to a .npz file.")
     if out.exists() and not overwrite:
         raise ValueError(f"{out}: already exists (pass --overwrite to replace it).")
     if out.resolve() == Path(data).resolve():
@@ -117,6 +121,13 @@ def protect_npz(
     settings, generator, surrogate, class_scores = load_protection(checkpoint, device)
     arrays = load_npz(data, require=())
     splits = list(splits) if splits else [split for split in SPLITS if f"{split}_images" in arrays]
+    if classes:
+        outside = sorted({int(c) for c in classes if not 0 <= int(c) < settings.num_classes})
+        if outside:
+            raise ValueError(f"--classes {outside}: not classes of this checkpoint (0..{settings.num_classes - 1}).")
+        present = {int(v) for split in splits if f"{split}_labels" in arrays for v in np.unique(arrays[f"{split}_labels"])}
+        if not present & {int(c) for c in classes}:
+            raise ValueError(f"{data}: no image of the classes {sorted(set(classes))} in the splits {splits}.")
     result, report = dict(arrays), {}
     start = time.perf_counter()
     for split in splits:

@@ -11,7 +11,27 @@ from ignite.engine import Engine, Events
 from monai_salm.io import DEFAULT_DESCRIPTION, ProtectedCopyWriter
 from monai_salm.workflows.dataset import ProtectionDataset
 
-__all__ = ["ProtectedCopySaver"]
+__all__ = ["ProtectedCopySaver", "as_bool"]
+
+_TRUE, _FALSE = ("true", "yes", "y", "on", "1"), ("false", "no", "n", "off", "0", "none", "")
+
+
+def as_bool(value, name: str) -> bool:
+    """A flag given as a bool, a number or a string from a config or the command line (``"no"`` is False).
+
+    Raises:
+        ValueError: naming the flag, for a value that is not clearly true or false.
+    """
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 class ProtectedCopySaver:
@@ -42,8 +62,8 @@ class ProtectedCopySaver:
                  resume: bool = False) -> None:
         self.dataset = dataset
         self.output_dir = Path(output_dir)
-        self.overwrite = bool(overwrite)
-        self.resume = bool(resume)
+        self.overwrite = as_bool(overwrite, "overwrite")
+        self.resume = as_bool(resume, "resume")
         self.manifest_name = manifest_name
         self.description = description
         self.writer: ProtectedCopyWriter | None = None

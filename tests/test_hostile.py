@@ -1,0 +1,170 @@
+"""Hostile or careless inputs: each gets one clear error, exit code 2, no output, and the inputs unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_medmnist
+
+from monai_salm.api import protect_tensor
+from monai_salm.cli import main
+from monai_salm.engines import load_protection
+from monai_salm.workflows.saver import as_bool
+
+CLI_FAST = ["--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--quiet"]
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    data = root / "d.npz"
+    make_medmnist(data, n=32, shape=(16, 16))
+    ckpt = root / "salm.pt"
+    assert main(["train", "--data", str(data), "--out", str(ckpt), *CLI_FAST]) == 0
+    return data, ckpt
+
+
+def _one_error_line(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("monai-salm: error:") and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_train_out_is_the_data(trained, capsys):
+    data, _ = trained
+    before = digest(data)
+    assert main(["train", "--data", str(data), "--out", str(data), *CLI_FAST]) == 2
+    _one_error_line(capsys, "is the training data")
+    assert digest(data) == before
+
+
+def test_train_out_is_a_folder_or_unwritable(trained, tmp_path, capsys):
+    data, _ = trained
+    assert main(["train", "--data", str(data), "--out", str(tmp_path), *CLI_FAST]) == 2
+    _one_error_line(capsys, "is a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # running as root: permissions do not bind
+            pytest.skip("permissions are not enforced for this user")
+        assert main(["train", "--data", str(data), "--out", str(locked / "c.pt"), *CLI_FAST]) == 2
+        _one_error_line(capsys, "cannot write there")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_absurd_class_count(tmp_path, capsys):
+    data = tmp_path / "d.npz"
+    make_medmnist(data, n=16, shape=(8, 8))
+    with np.load(data) as d:
+        arrays = dict(d)
+    arrays["train_labels"] = arrays["train_labels"].astype(np.int64)
+    arrays["train_labels"][0] = 999_999
+    np.savez(data, **arrays)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "c.pt"), *CLI_FAST]) == 2
+    _one_error_line(capsys, "2 to 1000 classes")
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_negative_limit(trained, tmp_path, capsys):
+    data, _ = trained
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(data), "--out", str(tmp_path / "c.pt"), "--limit", "-3"])
+    assert exit_info.value.code == 2
+    assert "must be a non-negative integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out_name, needle", [("release", "give --out a .npz name"), ("folder.npz", "is a folder")])
+def test_npz_out_must_be_an_npz_file(trained, tmp_path, capsys, out_name, needle):
+    data, ckpt = trained
+    out = tmp_path / out_name
+    if out_name.endswith(".npz"):
+        out.mkdir()
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--quiet"]) == 2
+    _one_error_line(capsys, needle)
+    assert not list(tmp_path.glob(".*"))  # no hidden temporary left
+
+
+@pytest.mark.parametrize("classes, needle", [(["7"], "not classes of this checkpoint")])
+def test_classes_outside_the_checkpoint(trained, tmp_path, capsys, classes, needle):
+    data, ckpt = trained
+    out = tmp_path / "p.npz"
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--classes", *classes,
+                 "--quiet"]) == 2
+    _one_error_line(capsys, needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda s: s.update(epsilon=50.0), "epsilon 50.0"),
+        (lambda s: s.update(num_classes=10**6), "num_classes"),
+        (lambda s: s.update(k=2.5), "k 2.5"),
+        (lambda s: s.update(mask_mode="everything"), "mask_mode"),
+        (lambda s: s.update(image_size=[16]), "image_size"),
+    ],
+)
+def test_edited_checkpoint_settings_are_refused(trained, tmp_path, capsys, edit, needle):
+    data, ckpt = trained
+    payload = torch.load(ckpt, weights_only=True)
+    edit(payload["settings"])
+    bad = tmp_path / "edited.pt"
+    torch.save(payload, bad)
+    out = tmp_path / "p.npz"
+    assert main(["protect", "--checkpoint", str(bad), "--data", str(data), "--out", str(out), "--quiet"]) == 2
+    _one_error_line(capsys, "invalid checkpoint settings", needle)
+    assert not out.exists()
+
+
+def test_nan_generator_weights_are_refused(trained, tmp_path, capsys):
+    data, ckpt = trained
+    payload = torch.load(ckpt, weights_only=True)
+    name = next(k for k, v in payload["generator"].items() if v.is_floating_point())
+    payload["generator"][name] = torch.full_like(payload["generator"][name], float("nan"))
+    bad = tmp_path / "nan.pt"
+    torch.save(payload, bad)
+    out = tmp_path / "p.npz"
+    assert main(["protect", "--checkpoint", str(bad), "--data", str(data), "--out", str(out), "--quiet"]) == 2
+    _one_error_line(capsys, "NaN or infinite")
+    assert not out.exists()
+
+
+def test_release_is_verified_before_it_is_returned(trained):
+    """A generator that emits NaN (e.g. one broken after loading) stops the release instead of writing garbage."""
+    _, ckpt = trained
+    settings, generator, surrogate, scores = load_protection(ckpt)
+
+    class Broken(torch.nn.Module):
+        label_conditioned = True
+
+        def forward(self, x, y):
+            return torch.full_like(x, float("nan"))
+
+    x, y = torch.rand(2, 1, 16, 16), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        protect_tensor(x, y, settings, Broken(), surrogate, scores)
+    assert protect_tensor(x, y, settings, generator, surrogate, scores)[0].shape == x.shape
+
+
+@pytest.mark.parametrize("value, expected", [(False, False), ("no", False), ("False", False), ("0", False), (0, False),
+                                             (True, True), ("yes", True), ("true", True), (1, True)])
+def test_bundle_flags(value, expected):
+    assert as_bool(value, "overwrite") is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", 2, "nein"])
+def test_bundle_flags_refuse_unclear_values(value):
+    with pytest.raises(ValueError, match="overwrite must be true or false"):
+        as_bool(value, "overwrite")
