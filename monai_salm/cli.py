@@ -26,6 +26,10 @@ class CLIError(Exception):
     """An input problem reported as one line and exit code 2."""
 
 
+class VerifyFailed(Exception):
+    """``verify`` found a release that fails a check (exit code 1; the table says which)."""
+
+
 def _k(text: str) -> float | int:
     """``0.1`` -> fraction, ``50`` -> count."""
     try:
@@ -185,6 +189,27 @@ def _protect(args: argparse.Namespace) -> dict:
             print(f"{split}: changed pixels {s['changed_pixel_fraction']:.4f}, max change {s['max_abs_change']:.1f}, "
                   f"PSNR {s['psnr_db']:.2f} dB, SSIM {s['ssim']:.4f}")
     print(json.dumps(report))
+    return report
+
+
+def _verify(args: argparse.Namespace) -> dict:
+    from monai_salm.workflows.verify import verify_release
+
+    checks = verify_release(args.release, args.original, args.checkpoint)
+    by_image: dict[str, list] = {}
+    for c in checks:
+        by_image.setdefault(c.image, []).append(c)
+    for image, rows in by_image.items():
+        failed = [c for c in rows if not c.ok]
+        status = "FAIL" if failed else "PASS"
+        reasons = "; ".join(f"{c.check} ({c.detail})" if c.detail else c.check for c in failed)
+        print(f"{status}  {image}  {len(rows) - len(failed)}/{len(rows)} checks" + (f": {reasons}" if reasons else ""))
+    report = {"images": len(by_image), "checks": len(checks), "failed": sum(not c.ok for c in checks)}
+    print(f"{'PASS' if not report['failed'] else 'FAIL'}: {report['images']} image(s), {report['checks']} checks, "
+          f"{report['failed']} failed")
+    print(json.dumps(report))
+    if report["failed"]:
+        raise VerifyFailed
     return report
 
 
@@ -372,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_slim)
 
+    p = sub.add_parser("verify", help="check a protected folder against its originals and manifest")
+    p.add_argument("--release", required=True, help="the protected folder (with manifest.csv)")
+    p.add_argument("--original", required=True, help="the folder it was made from")
+    p.add_argument("--checkpoint", default=None,
+                   help="the checkpoint that made it: also checks epsilon, the mask and that the release recomputed "
+                        "here is the same")
+    p.set_defaults(func=_verify)
+
     p = sub.add_parser("demo", help="offline end-to-end run on the embedded dataset: build, train, protect, summarise")
     p.add_argument("--out", default="salm_demo", help="output folder (default: salm_demo)")
     p.add_argument("--epochs", type=int, default=3)
@@ -440,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 bad input)."""
+    """Entry point; returns the exit code (0 ok, 1 a release that fails verify, 2 bad input)."""
     args = build_parser().parse_args(argv)
     _set_threads(args)
     if getattr(args, "eps", None) is not None and not 0 < args.eps <= 1:
@@ -448,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.func(args)
+    except VerifyFailed:
+        return 1
     except (CLIError, ValueError) as e:
         print(f"monai-salm: error: {e}", file=sys.stderr)
         return 2

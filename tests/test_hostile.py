@@ -168,3 +168,52 @@ def test_bundle_flags(value, expected):
 def test_bundle_flags_refuse_unclear_values(value):
     with pytest.raises(ValueError, match="overwrite must be true or false"):
         as_bool(value, "overwrite")
+
+
+def _release(tmp_path, capsys):
+    """A class folder of 16-bit NIfTI volumes, its checkpoint and its protected copy."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for label, name in enumerate(("a", "b")):
+        (data / name).mkdir(parents=True)
+        for i in range(3):
+            vol = (rng.normal(0, 200, (8, 8, 6)) + 300 * label).astype(np.int16)
+            nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.8, 2.0, 1.0])), data / name / f"v{i}.nii.gz")
+    ckpt, out = tmp_path / "salm.pt", tmp_path / "out"
+    assert main(["train", "--data", str(data), "--out", str(ckpt), "--block", "2", *CLI_FAST]) == 0
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    return data, ckpt, out
+
+
+def test_verify_release(tmp_path, capsys):
+    import nibabel as nib
+
+    data, ckpt, out = _release(tmp_path, capsys)
+    assert main(["verify", "--release", str(out), "--original", str(data), "--checkpoint", str(ckpt)]) == 0
+    printed = capsys.readouterr().out
+    assert "PASS: 6 image(s)" in printed and "0 failed" in printed
+    # moved folders still verify: paths are relative to the recorded roots
+    moved_data, moved_out = tmp_path / "moved_data", tmp_path / "moved_out"
+    data.rename(moved_data)
+    out.rename(moved_out)
+    assert main(["verify", "--release", str(moved_out), "--original", str(moved_data)]) == 0
+    capsys.readouterr()
+    # a tampered copy: a voxel outside the mask changed -> sha256, recorded change and mask checks fail, exit 1
+    victim = moved_out / "a" / "v0.nii.gz"
+    img = nib.load(victim)
+    arr = np.asanyarray(img.dataobj).copy()
+    settings, _, _, scores = load_protection(ckpt)
+    arr.flat[0] += 1000
+    nib.save(nib.Nifti1Image(arr, img.affine, img.header), victim)
+    assert main(["verify", "--release", str(moved_out), "--original", str(moved_data), "--checkpoint", str(ckpt)]) == 1
+    printed = capsys.readouterr().out
+    assert f"FAIL  {victim}" in printed and "sha256 as recorded" in printed and "within epsilon" in printed
+    assert "FAIL: 6 image(s)" in printed
+    victim.unlink()
+    assert main(["verify", "--release", str(moved_out), "--original", str(moved_data)]) == 1
+    assert "files present" in capsys.readouterr().out
+    assert main(["verify", "--release", str(tmp_path), "--original", str(moved_data)]) == 2
+    _one_error_line(capsys, "no manifest.csv")

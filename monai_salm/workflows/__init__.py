@@ -33,7 +33,8 @@ Modules, one job each (every name is also importable from ``monai_salm.workflows
   every form of dataset;
 - :mod:`~monai_salm.workflows.npz_release`: :func:`protect_npz` (a MedMNIST-style ``.npz`` release);
 - :mod:`~monai_salm.workflows.summary`: :func:`log_checkpoint`, :func:`log_manifest`;
-- :mod:`~monai_salm.workflows.evaluate`: :func:`run_evaluation` (``monai-salm evaluate``, ``configs/evaluate.json``).
+- :mod:`~monai_salm.workflows.evaluate`: :func:`run_evaluation` (``monai-salm evaluate``, ``configs/evaluate.json``);
+- :mod:`~monai_salm.workflows.verify`: :func:`verify_release` (``monai-salm verify``).
 
 The SALM math itself lives in :mod:`monai_salm.api`, :mod:`monai_salm.engines` and
 :mod:`monai_salm.transforms.functional`.
@@ -57,6 +58,7 @@ from monai_salm.workflows.saver import ProtectedCopySaver
 from monai_salm.workflows.split import SALMData, has_validation, load_train_val, split_validation
 from monai_salm.workflows.summary import log_checkpoint, log_manifest
 from monai_salm.workflows.training import ProtectedValidationInferer, SaveProtection, make_settings, resolve_epsilon
+from monai_salm.workflows.verify import Check, verify_release
 
 __all__ = [
     "TrainingArrays",
@@ -86,4 +88,6 @@ __all__ = [
     "log_checkpoint",
     "log_manifest",
     "run_evaluation",
+    "Check",
+    "verify_release",
 ]

@@ -125,7 +125,8 @@ def protect_npz(
         outside = sorted({int(c) for c in classes if not 0 <= int(c) < settings.num_classes})
         if outside:
             raise ValueError(f"--classes {outside}: not classes of this checkpoint (0..{settings.num_classes - 1}).")
-        present = {int(v) for split in splits if f"{split}_labels" in arrays for v in np.unique(arrays[f"{split}_labels"])}
+        labels = [arrays[f"{split}_labels"] for split in splits if f"{split}_labels" in arrays]
+        present = {int(v) for values in labels for v in np.unique(values)}
         if not present & {int(c) for c in classes}:
             raise ValueError(f"{data}: no image of the classes {sorted(set(classes))} in the splits {splits}.")
     result, report = dict(arrays), {}

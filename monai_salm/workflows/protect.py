@@ -1,4 +1,5 @@
-"""Protect every image of a dataset with a checkpoint: loading it, the inferer, the evaluator and :func:`protect_files`."""
+"""Protect every image of a dataset with a checkpoint: loading it, the inferer, the evaluator, :func:`protect_files`
+and :func:`protect_dataset`."""
 
 from __future__ import annotations
 
@@ -180,7 +181,8 @@ def protect_dataset(
     """
     if full_suffix(data) == ".npz":
         if resume:
-            raise ValueError("--resume applies to a datalist or class folder protected into a folder, not to .npz data.")
+            raise ValueError("--resume applies to a datalist or class folder protected into a folder, not to .npz "
+                             "data.")
         return protect_npz(checkpoint, data, out, splits, classes, fraction, overwrite, device, seed, amp, progress)
     if splits is not None or classes or fraction != 1.0:
         raise ValueError("--splits, --classes and --fraction apply to .npz data only; a datalist or class folder is "
