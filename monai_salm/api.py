@@ -19,6 +19,7 @@ from monai_salm.evaluation.countermeasures import differentiable_view
 from monai_salm.networks import NoiseGenerator, build_classifier
 from monai_salm.transforms.functional import (
     call_generator,
+    mixed_precision,
     perturb,
     resize_images,
     resolve_k,
@@ -245,10 +246,7 @@ def protect_tensor(
     generator = generator.to(device).eval()
     surrogate = None if surrogate is None else surrogate.to(device).eval()
     work = tuple(settings.image_size)
-    device_type = torch.device(device).type
-    amp = device_type == "cuda" if amp is None else bool(amp)
-    autocast = torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16,
-                              enabled=amp)
+    autocast = mixed_precision(device, torch.device(device).type == "cuda" if amp is None else amp)
     rng = torch.Generator().manual_seed(seed)
     outs, masks = [], []
     for start in tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc="protect"):

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from monai_salm.transforms.functional import (
     block_average,
     call_generator,
+    mixed_precision,
     perturb,
     recalibrate_batchnorm,
     saliency_scores,
@@ -269,9 +270,7 @@ class SALMTrainer(Trainer):
     # -------------------------------------------------------------- iteration
     def _autocast(self) -> torch.autocast:
         """Mixed precision for the networks when ``amp`` is on (float16 on CUDA, bfloat16 on CPU)."""
-        device_type = self.state.device.type
-        dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
-        return torch.autocast(device_type=device_type, dtype=dtype, enabled=bool(self.amp))
+        return mixed_precision(self.state.device, self.amp)
 
     def _view(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """This iteration's view of the protected batch: ``surrogate_view`` with probability ``view_prob``."""

@@ -22,6 +22,7 @@ __all__ = [
     "to_grid",
     "perturb",
     "call_generator",
+    "mixed_precision",
     "preserve_model_state",
     "recalibrate_batchnorm",
 ]
@@ -80,6 +81,13 @@ def epsilon_for_psnr(psnr_db: float, k: float | int, num_positions: int, data_ra
         raise ValueError(f"psnr must be a positive number of dB, got {psnr_db}.")
     fraction = resolve_k(k, num_positions) / num_positions
     return float(min(data_range, data_range * 10 ** (-psnr_db / 20) / fraction**0.5))
+
+
+def mixed_precision(device: str | torch.device, enabled: bool) -> torch.autocast:
+    """``torch.autocast`` for the networks: float16 on CUDA, bfloat16 elsewhere; a no-op when not ``enabled``."""
+    device_type = torch.device(device).type
+    dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=bool(enabled))
 
 
 class preserve_model_state:

@@ -123,13 +123,16 @@ def _verify_image(src: Path, out: Path, parts: list, protection) -> list[Check]:
     if meta_in.format == "nifti":
         rows.append(Check(name, "affine kept", bool(np.array_equal(meta_in.affine, meta_out.affine))))
     if meta_in.format in ("dicom", "dicom_series"):
-        ok = all(pydicom.dcmread(p_out, stop_before_pixels=True).ImageType[0] == "DERIVED"
-                 and pydicom.dcmread(p_out, stop_before_pixels=True).SOPInstanceUID
-                 != pydicom.dcmread(p_src, stop_before_pixels=True).SOPInstanceUID for _, p_src, p_out in parts)
+        ok = all(_derived_copy(pydicom.dcmread(p_out, stop_before_pixels=True),
+                               pydicom.dcmread(p_src, stop_before_pixels=True)) for _, p_src, p_out in parts)
         rows.append(Check(name, "DICOM marked DERIVED, new UIDs", ok))
     if protection is not None:
         rows += _against_checkpoint(name, before, after, diff, changed, meta_in, parts[0][0].label, protection)
     return rows
+
+
+def _derived_copy(copy: pydicom.Dataset, source: pydicom.Dataset) -> bool:
+    return copy.ImageType[0] == "DERIVED" and copy.SOPInstanceUID != source.SOPInstanceUID
 
 
 def _against_checkpoint(name, before, after, diff, changed, meta, label, protection) -> list[Check]:
