@@ -15,3 +15,8 @@ EOF
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check')"
 python -m monai_salm.cli demo --out "$out/demo" --epochs 2 --device cuda --overwrite --quiet | tee "$out/demo.txt"
 python benchmarks/native_cost.py floor sizes --device cuda --json "$out/native_cost.json" | tee "$out/native_cost.txt"
+ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$ngpu" -gt 1 ]; then  # training and release on every GPU under torchrun (nccl) against one
+  python benchmarks/distributed_scaling.py --configs 1x4 "${ngpu}x4" --device cuda --repeats 1 \
+    --json "$out/distributed_scaling.json" | tee "$out/distributed_scaling.txt"
+fi

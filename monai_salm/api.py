@@ -12,9 +12,11 @@ from monai.data import DataLoader, Dataset
 from monai.handlers import from_engine
 from monai.utils import CommonKeys as Keys
 from monai.utils import set_determinism
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
 from monai_salm.engines import MAX_CLASSES, FreshModelMonitor, SALMSettings, SALMTrainer
+from monai_salm.engines.distributed import is_main, rank, world_size
 from monai_salm.evaluation.countermeasures import differentiable_view
 from monai_salm.networks import NoiseGenerator, build_classifier
 from monai_salm.transforms.functional import (
@@ -40,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "block": 4,
     "label_conditioned": True,
     "class_pattern": True,
+    "pattern": "learned",
     "mask_refresh": 1,
     "warmup_epochs": 1,
     "generator_steps": 1,
@@ -69,6 +72,7 @@ def train_salm(
     block: int = DEFAULTS["block"],
     label_conditioned: bool = DEFAULTS["label_conditioned"],
     class_pattern: bool = DEFAULTS["class_pattern"],
+    pattern: str = DEFAULTS["pattern"],
     mask_refresh: int = DEFAULTS["mask_refresh"],
     warmup_epochs: int = DEFAULTS["warmup_epochs"],
     generator_steps: int = DEFAULTS["generator_steps"],
@@ -101,6 +105,8 @@ def train_salm(
             (``SALMTrainer(mask_block=...)``, ``NoiseGenerator(pattern_cell=...)``); 1 is single positions.
         class_pattern: give a label-conditioned generator a learnable per-class spatial pattern of the
             training image size (``NoiseGenerator(pattern_size=...)``) instead of one code per channel.
+        pattern: the kind of that class pattern: ``"learned"`` (cells of learnable values) or ``"texture"`` (a fixed
+            stripe or checkerboard texture per class, ``NoiseGenerator(pattern_kind=...)``).
         stop_accuracy: stop when the surrogate's protected accuracy reaches it (None: run all epochs).
         progress: show an Ignite progress bar.
         val_images, val_labels: clean held-out data for the fresh-model monitor.
@@ -112,6 +118,12 @@ def train_salm(
             half the iterations, so the noise learns to survive it (:class:`~monai_salm.engines.SALMTrainer`).
         amp: mixed precision (MONAI's ``amp``); ``None``: on for CUDA devices. On CUDA the loaders also pin memory
             and copies are non-blocking.
+
+    Under ``torch.distributed`` (``torchrun``; see :func:`monai_salm.engines.distributed.distributed_context`) every
+    process calls this with the same data: ``batch_size`` is the global batch, split evenly over the processes,
+    the networks train under DistributedDataParallel, masks are computed on shards and combined, and ``handlers``
+    and the progress bar run on rank 0 only. Every process returns the same trained networks. The fresh-model
+    monitor is not shared out: each process runs it whole, with the same seed, so all reach the same stop decision.
 
     Returns:
         the finished trainer (with final masks) and the settings to store in a checkpoint.
@@ -130,14 +142,24 @@ def train_salm(
     generator_kwargs = dict(generator_kwargs or {})
     if class_pattern and label_conditioned:
         generator_kwargs.setdefault("pattern_size", list(images.shape[2:]))
-        if block > 1:
+        if pattern != "learned":
+            generator_kwargs.setdefault("pattern_kind", pattern)
+        elif block > 1:
             generator_kwargs.setdefault("pattern_cell", int(block))
     generator = NoiseGenerator(spatial_dims, in_channels, num_classes if label_conditioned else 0, **generator_kwargs)
-    net = build_classifier(surrogate, spatial_dims, in_channels, num_classes)
+    net = build_classifier(surrogate, spatial_dims, in_channels, num_classes, images.shape[2:])
     dataset = make_dataset(images, labels)
     cuda = torch.device(device).type == "cuda"
     amp = cuda if amp is None else bool(amp)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) > batch_size,
+    processes = world_size()
+    if batch_size % processes:
+        raise ValueError(f"the batch size ({batch_size}) is the global batch and must be divisible by the number of "
+                         f"processes ({processes}).")
+    # a seeded sampler (the same order for any number of processes: rank r takes every r-th sample of each global
+    # batch), so a run on N processes sees the batches of a one-process run
+    sampler = DistributedSampler(dataset, num_replicas=processes, rank=rank(), shuffle=True, seed=seed)
+    per_process = batch_size // processes
+    loader = DataLoader(dataset, batch_size=per_process, sampler=sampler, drop_last=len(sampler) > per_process,
                         pin_memory=cuda)
     trainer = SALMTrainer(
         device=device,
@@ -160,18 +182,18 @@ def train_salm(
         mask_loader=DataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False, pin_memory=cuda),
         seed=seed,
         surrogate_view=differentiable_view(robust_to) if robust_to else None,
-        train_handlers=handlers,
+        train_handlers=handlers if is_main() else None,
         amp=amp,
         non_blocking=cuda,
     )
     if monitor_steps > 0 and val_images is not None and val_labels is not None:
         subset = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:1024]
         FreshModelMonitor(
-            lambda: build_classifier(surrogate, spatial_dims, in_channels, num_classes),
+            lambda: build_classifier(surrogate, spatial_dims, in_channels, num_classes, images.shape[2:]),
             images[subset], labels[subset], subset, val_images, val_labels,
             steps=monitor_steps, target=monitor_target, seed=seed,
         ).attach(trainer)
-    if progress:
+    if progress and is_main():
         from ignite.handlers import ProgressBar
 
         loss = from_engine([Keys.LOSS], first=True)  # the output is decollated: a list of per-sample dicts
@@ -208,6 +230,7 @@ def protect_tensor(
     seed: int = 0,
     progress: bool = False,
     amp: bool | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Protect images with a trained generator: one saliency gradient (or class mask) and one generator pass each.
 
@@ -227,9 +250,12 @@ def protect_tensor(
         progress: show a progress bar.
         amp: run the networks in mixed precision (float16 on CUDA, bfloat16 on CPU); ``None``: on for CUDA. The
             perturbation is computed in float32 either way, so the bounds are exact.
+        shard: ``(index, count)``: protect only the batches ``index, index + count, ...`` (one process's share
+            under ``torch.distributed``); each batch comes out exactly as in a run over all of them.
 
     Returns:
-        ``(protected, masks)`` on the CPU, at the images' own size; masks are ``(N, 1, *spatial)`` bool.
+        ``(protected, masks)`` on the CPU, at the images' own size (only the shard's batches, in order); masks are
+        ``(N, 1, *spatial)`` bool.
 
     Raises:
         ValueError: when the images do not match the checkpoint (dims, channels, labels).
@@ -249,14 +275,19 @@ def protect_tensor(
     autocast = mixed_precision(device, torch.device(device).type == "cuda" if amp is None else amp)
     rng = torch.Generator().manual_seed(seed)
     outs, masks = [], []
-    for start in tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc="protect"):
-        x = images[start : start + batch_size].to(device, non_blocking=True).float()
-        y = labels[start : start + batch_size].to(device, non_blocking=True).long()
+    index, count = shard
+    for batch, start in enumerate(tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc="protect")):
+        stop = min(start + batch_size, images.shape[0])
+        draws = torch.rand(stop - start, *work, generator=rng) if settings.mask_mode == "random" else None
+        if batch % count != index:
+            continue  # another process's batch (its random draws are taken all the same, to stay in step)
+        x = images[start:stop].to(device, non_blocking=True).float()
+        y = labels[start:stop].to(device, non_blocking=True).long()
         xw = resize_images(x, work)
         if settings.mask_mode == "class":
             mask = topk_mask(class_scores.to(device)[y], settings.k)
         elif settings.mask_mode == "random":
-            mask = topk_mask(torch.rand(x.shape[0], *work, generator=rng).to(device), settings.k)
+            mask = topk_mask(draws.to(device), settings.k)
         else:
             with autocast:
                 scores = saliency_scores(surrogate, xw, y)
@@ -268,6 +299,9 @@ def protect_tensor(
         _check_release(x, out, inside, settings.epsilon)
         outs.append(out.cpu())
         masks.append(inside.cpu())
+    if not outs:
+        empty = images[:0].float()
+        return empty, torch.zeros(0, 1, *images.shape[2:], dtype=torch.bool)
     return torch.cat(outs), torch.cat(masks)
 
 

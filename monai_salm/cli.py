@@ -16,8 +16,10 @@ import torch
 from monai_salm.api import DEFAULTS, protect_tensor, train_salm
 from monai_salm.data import SPLITS, from_tensor, load_npz, save_npz, split_arrays, to_tensor
 from monai_salm.engines import load_protection, save_protection
+from monai_salm.engines.distributed import SharedError, barrier, distributed_context, is_main, world_size
 from monai_salm.evaluation import COUNTERMEASURES, RECIPES
 from monai_salm.networks import CLASSIFIERS
+from monai_salm.networks.generator import PATTERNS
 
 __all__ = ["main", "build_parser"]
 
@@ -60,6 +62,32 @@ def _eps(text: str) -> float:
         raise argparse.ArgumentTypeError(f"epsilon must be a number such as 0.08 or 20/255, got {text!r}") from None
 
 
+def _device(text: str) -> str:
+    """A ``--device`` value checked up front: a torch device that exists on this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: only cpu and cuda devices are supported")
+    return text
+
+
+def _seed(text: str) -> int:
+    """A ``--seed``: an integer in [0, 2**32), the range every random generator used here accepts."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed must be an integer, got {text!r}") from None
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"seed must be in [0, 2**32), got {seed}")
+    return seed
+
+
 def _num_classes(arrays: dict[str, np.ndarray]) -> int:
     return int(max(int(arrays[f"{s}_labels"].max()) for s in SPLITS if f"{s}_labels" in arrays and arrays[f"{s}_labels"].size)) + 1
 
@@ -76,6 +104,8 @@ def _set_threads(args: argparse.Namespace) -> None:
 def _check_checkpoint_output(out: str, data: str) -> None:
     """Refuse, before any training, an output that is the input, a folder, or in a folder that cannot be written."""
     out_path = Path(out)
+    if out_path.is_symlink() and not out_path.exists():
+        raise CLIError(f"{out}: is a broken symbolic link; give --out a file path.")
     if out_path.resolve() == Path(data).resolve():
         raise CLIError(f"{out}: --out is the training data; refusing to overwrite it.")
     if out_path.is_dir():
@@ -86,9 +116,15 @@ def _check_checkpoint_output(out: str, data: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> dict:
+    _check_checkpoint_output(args.out, args.data)
+    with distributed_context(args.device) as device:
+        return _train_here(args, device)
+
+
+def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
+    """Train on this process (one of several under torchrun: each loads the data, rank 0 reports and saves)."""
     from monai_salm.workflows import has_validation, load_training_arrays, resolve_epsilon
 
-    _check_checkpoint_output(args.out, args.data)
     data = load_training_arrays(args.data, args.intensity, ("training",), limit=args.limit or None,
                                 work_size=args.work_size)
     x, labels = data.images, data.labels
@@ -99,11 +135,16 @@ def _train(args: argparse.Namespace) -> dict:
             raise CLIError(f"{args.data}: --monitor-steps needs a validation split (.npz val_images/val_labels or a "
                            "datalist 'validation' list).")
         val = load_training_arrays(args.data, data.scaling, ("validation",), reference=data)
+    present = sorted({int(v) for v in labels.unique()})
+    if len(present) < 2:
+        raise CLIError(f"{args.data}: every training image has label {present[0]}; SALM needs images of at least two "
+                       "classes.")
     num_classes = args.num_classes or max(data.num_classes, val.num_classes if val is not None else 0)
     if int(labels.max()) >= num_classes:
         raise CLIError(f"{args.data}: labels go up to {int(labels.max())} but --num-classes is {num_classes}.")
     scaling = data.scaling
-    print(
+    say = print if is_main() else (lambda *a, **k: None)
+    say(
         f"train: {len(x)} images {tuple(x.shape[1:])} (working grid), {num_classes} classes, k={args.k}, eps={args.eps:.4f} "
         f"({scaling.epsilon_in_units(args.eps):.4g} in original units), mask={args.mask_mode}, "
         f"intensity={scaling.to_dict()}"
@@ -119,13 +160,14 @@ def _train(args: argparse.Namespace) -> dict:
         block=args.block,
         label_conditioned=not args.no_label_conditioning,
         class_pattern=not args.no_class_pattern,
+        pattern=args.pattern,
         mask_refresh=args.mask_refresh,
         warmup_epochs=args.warmup_epochs,
         generator_steps=args.generator_steps,
         batch_size=args.batch_size,
         stop_accuracy=args.stop_accuracy,
         seed=args.seed,
-        device=args.device,
+        device=device,
         progress=not args.quiet,
         val_images=None if val is None else val.images,
         val_labels=None if val is None else val.labels,
@@ -133,17 +175,20 @@ def _train(args: argparse.Namespace) -> dict:
         monitor_target=args.monitor_target,
         robust_to=args.robust_to or None,
         amp=_amp(args),
+        surrogate=args.surrogate,
     )
     settings = dataclasses.replace(settings, intensity=scaling.to_dict())
-    save_protection(
-        args.out,
-        settings,
-        trainer.generator,
-        trainer.surrogate,
-        trainer.class_scores,
-        extra={"train_seconds": trainer.train_seconds, "epochs_run": trainer.state.epoch, "data": str(args.data),
-               "robust_to": args.robust_to},
-    )
+    if is_main():
+        save_protection(
+            args.out,
+            settings,
+            trainer.generator,
+            trainer.surrogate,
+            trainer.class_scores,
+            extra={"train_seconds": trainer.train_seconds, "epochs_run": trainer.state.epoch, "data": str(args.data),
+                   "robust_to": args.robust_to, "processes": world_size()},
+        )
+    barrier()
     summary = {
         "checkpoint": str(args.out),
         "epochs_run": trainer.state.epoch,
@@ -151,8 +196,9 @@ def _train(args: argparse.Namespace) -> dict:
         "train_seconds": round(trainer.train_seconds, 1),
         "fresh_clean_accuracy": trainer.state.metrics.get("fresh_clean_accuracy"),
         "intensity": scaling.to_dict(),
+        "processes": world_size(),
     }
-    print(json.dumps(summary))
+    say(json.dumps(summary))
     return summary
 
 
@@ -177,9 +223,12 @@ def _protect(args: argparse.Namespace) -> dict:
     from monai_salm.workflows import protect_dataset
 
     logging.getLogger("ignite").addHandler(logging.NullHandler())  # errors are reported once, by main
-    report = protect_dataset(args.checkpoint, args.data, args.out, splits=args.splits, classes=args.classes,
-                             fraction=args.fraction, overwrite=args.overwrite, resume=args.resume, device=args.device,
-                             seed=args.seed, amp=_amp(args), progress=not args.quiet)
+    with distributed_context(args.device) as device:
+        report = protect_dataset(args.checkpoint, args.data, args.out, splits=args.splits, classes=args.classes,
+                                 fraction=args.fraction, overwrite=args.overwrite, resume=args.resume, device=device,
+                                 seed=args.seed, amp=_amp(args), progress=not args.quiet and is_main())
+        if not is_main():
+            return report
     if "manifest" in report:
         print(f"protected {report['files']} file(s) into {args.out}: max change {report['max_abs_change']:.4g} "
               f"(original units), {report['changed_voxels']} changed voxels; manifest {report['manifest']}")
@@ -314,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-        p.add_argument("--seed", type=int, default=0, help="random seed")
+        p.add_argument("--device", type=_device, default="cpu",
+                       help="torch device (default: cpu; under torchrun, cuda means each process's local GPU)")
+        p.add_argument("--seed", type=_seed, default=0, help="random seed in [0, 2**32)")
         p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -352,13 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-refresh", type=int, default=DEFAULTS["mask_refresh"], help="recompute masks every N epochs")
     p.add_argument("--warmup-epochs", type=int, default=DEFAULTS["warmup_epochs"], help="clean surrogate warm-up")
     p.add_argument("--generator-steps", type=int, default=DEFAULTS["generator_steps"], help="generator steps per batch")
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                   help="the global batch: under torchrun it is split evenly over the processes")
+    p.add_argument("--surrogate", default="resnet18", choices=CLASSIFIERS, help="surrogate network (default: resnet18)")
     p.add_argument("--stop-accuracy", type=float, default=DEFAULTS["stop_accuracy"], help="stop at this protected accuracy")
     p.add_argument("--monitor-steps", type=int, default=DEFAULTS["monitor_steps"],
                    help="fresh-model monitor: train a new model this many steps on protected data each epoch (0: off)")
     p.add_argument("--monitor-target", type=float, default=None,
                    help="stop once the fresh model's clean val accuracy is at or below this")
     p.add_argument("--no-label-conditioning", action="store_true", help="generator without labels")
+    p.add_argument("--pattern", choices=PATTERNS, default=DEFAULTS["pattern"],
+                   help="class pattern inside the masks: learned (cells of learnable values) or texture (a fixed "
+                        "stripe or checkerboard texture per class, read by a victim after flips and shifts)")
     p.add_argument("--no-class-pattern", action="store_true", help="one code per class and channel, not a spatial pattern")
     p.add_argument("--robust-to", default="",
                    help="train through a preprocess countermeasure (e.g. median, blur, resample, bitdepth:4) applied "
@@ -483,8 +538,15 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except VerifyFailed:
         return 1
+    except KeyboardInterrupt:
+        hint = ""
+        if args.func is _protect and not str(args.data).lower().endswith(".npz"):
+            hint = ": the copies finished so far are kept; run the same command with --resume to complete the release"
+        print(f"monai-salm: interrupted{hint}", file=sys.stderr)
+        return 130
     except (CLIError, ValueError) as e:
-        print(f"monai-salm: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or not isinstance(e, SharedError):  # under torchrun: said once
+            print(f"monai-salm: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -217,3 +217,189 @@ def test_verify_release(tmp_path, capsys):
     assert "files present" in capsys.readouterr().out
     assert main(["verify", "--release", str(tmp_path), "--original", str(moved_data)]) == 2
     _one_error_line(capsys, "no manifest.csv")
+
+
+@pytest.mark.parametrize("device, needle", [("banana", "is not a torch device"), ("cuda:7", "CUDA"), ("mps", "only cpu")])
+def test_bad_device_is_refused_before_anything_runs(trained, tmp_path, capsys, device, needle):
+    data, ckpt = trained
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    for argv in (["train", "--data", str(data), "--out", str(tmp_path / "c.pt")],
+                 ["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "r.npz")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--device", device])
+        assert exit_info.value.code == 2
+        assert needle in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_oversized_seed_is_blamed_on_the_seed(trained, tmp_path, capsys):
+    data, _ = trained
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(data), "--out", str(tmp_path / "c.pt"), "--seed", str(2**40)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "seed must be in [0, 2**32)" in err and str(data) not in err
+
+
+def test_broken_symlink_as_output(trained, tmp_path, capsys):
+    data, ckpt = trained
+    for name in ("c.pt", "r.npz", "folder"):
+        link = tmp_path / name
+        link.symlink_to(tmp_path / "nowhere" / name)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "c.pt"), *CLI_FAST]) == 2
+    _one_error_line(capsys, "c.pt", "broken symbolic link")
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "r.npz")]) == 2
+    _one_error_line(capsys, "r.npz", "broken symbolic link")
+    pngs = _png_folder(tmp_path / "pngs")
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(pngs), "--out", str(tmp_path / "folder")]) == 2
+    _one_error_line(capsys, "folder", "broken symbolic link")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def _png_folder(root, n=4, size=16):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in (0, 1):
+        (root / f"c{label}").mkdir(parents=True)
+        for i in range(n):
+            a = np.clip(rng.integers(0, 120, (size, size)) + 100 * label, 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(root / f"c{label}" / f"img{i}.png")
+    return root
+
+
+def _tree(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_interrupted_release_resumes_to_the_same_bytes(trained, tmp_path, capsys, monkeypatch):
+    from monai_salm.workflows.dataset import ProtectionDataset
+
+    _, ckpt = trained
+    pngs = _png_folder(tmp_path / "pngs")
+    before = _tree(pngs)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(pngs), "--out", str(whole), "--quiet"]) == 0
+    load = ProtectionDataset._load
+
+    def interrupted(self, index):  # Ctrl-C while the sixth image is read
+        if index == 5:
+            raise KeyboardInterrupt
+        return load(self, index)
+
+    monkeypatch.setattr(ProtectionDataset, "_load", interrupted)
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(pngs), "--out", str(cut), "--quiet"]) == 130
+    assert "run the same command with --resume" in capsys.readouterr().err
+    kept = sorted(p.name for p in cut.rglob("*.png"))
+    assert len(kept) == 5 and not (cut / "manifest.csv").exists() and not (cut / ".monai-salm.lock").exists()
+    monkeypatch.setattr(ProtectionDataset, "_load", load)
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(pngs), "--out", str(cut), "--quiet"]) == 2
+    _one_error_line(capsys, "not empty", "--resume")
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(pngs), "--out", str(cut), "--resume",
+                 "--quiet"]) == 0
+    assert _tree(cut) == {k: v if k.name != "manifest.csv" else v.replace(b"/whole/", b"/cut/")
+                          for k, v in _tree(whole).items()}
+    assert _tree(pngs) == before
+
+
+def test_release_folder_is_locked_and_bound_to_its_release(trained, tmp_path, capsys):
+    import json
+    import socket
+
+    data, ckpt = trained
+    pngs = _png_folder(tmp_path / "pngs")
+    out = tmp_path / "out"
+    protect = ["protect", "--checkpoint", str(ckpt), "--data", str(pngs), "--out", str(out), "--quiet"]
+    assert main(protect) == 0
+    files = _tree(out)
+    # a resume with another seed (another release identity) would mix two releases in one folder
+    assert main([*protect, "--resume", "--seed", "5"]) == 2
+    _one_error_line(capsys, str(out), "another checkpoint or seed")
+    # a run writing into the folder holds its lock: a second one, even with --overwrite, stops
+    (out / ".monai-salm.lock").write_text(json.dumps({"host": "another-host", "pid": 1}))
+    assert main([*protect, "--overwrite"]) == 2
+    _one_error_line(capsys, "another monai-salm run is writing into this folder")
+    # a lock left by a killed run on this host is taken over
+    (out / ".monai-salm.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345}))
+    assert main([*protect, "--resume"]) == 0
+    assert _tree(out) == files and not (out / ".monai-salm.lock").exists()
+
+
+def test_failed_fresh_release_leaves_no_hidden_record(trained, tmp_path, capsys):
+    _, ckpt = trained
+    pngs = _png_folder(tmp_path / "pngs")
+    (pngs / "c1" / "img3.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "out"
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(pngs), "--out", str(out), "--quiet"]) == 2
+    _one_error_line(capsys, "img3.png")
+    assert not out.exists()
+
+
+def test_releases_are_reproducible_dicom_included(trained, tmp_path):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    _, ckpt = trained
+    src = tmp_path / "dcm"
+    rng = np.random.default_rng(0)
+    for label in (0, 1):
+        (src / f"c{label}").mkdir(parents=True)
+        for i in range(2):
+            ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+            ds.set_pixel_data(rng.integers(0, 1000, (16, 16)).astype(np.int16), "MONOCHROME2", 16)
+            ds.save_as(src / f"c{label}" / f"s{i}.dcm", enforce_file_format=True)
+    outs = [tmp_path / name for name in ("a", "b", "c")]
+    for out, seed in zip(outs, ("0", "0", "1")):
+        assert main(["protect", "--checkpoint", str(ckpt), "--data", str(src), "--out", str(out), "--seed", seed,
+                     "--quiet"]) == 0
+    a, b, c = (_tree(out) for out in outs)
+    dicoms = [k for k in a if k.suffix == ".dcm"]
+    assert len(dicoms) == 4 and all(a[k] == b[k] for k in dicoms)  # same checkpoint and seed: same bytes
+    uids = [pydicom.dcmread(outs[0] / k).SOPInstanceUID for k in dicoms]
+    other = [pydicom.dcmread(outs[2] / k).SOPInstanceUID for k in dicoms]
+    assert len(set(uids)) == 4 and not set(uids) & set(other)  # unique, and another release gets other UIDs
+
+
+def test_image_at_the_top_level_of_a_class_folder(trained, tmp_path, capsys):
+    _, ckpt = trained
+    pngs = _png_folder(tmp_path / "pngs")
+    (pngs / "stray.png").write_bytes((pngs / "c0" / "img0.png").read_bytes())
+    (pngs / "notes.txt").write_text("not an image: ignored")
+    out = tmp_path / "out"
+    for argv in (["train", "--data", str(pngs), "--out", str(tmp_path / "c.pt"), *CLI_FAST],
+                 ["protect", "--checkpoint", str(ckpt), "--data", str(pngs), "--out", str(out), "--quiet"]):
+        assert main(argv) == 2
+        _one_error_line(capsys, "stray.png", "has no class")
+    assert not out.exists() and not (tmp_path / "c.pt").exists()
+
+
+@pytest.mark.parametrize("second_label", [1, 0])
+def test_datalist_listing_an_image_twice(trained, tmp_path, capsys, second_label):
+    import json
+
+    _, ckpt = trained
+    pngs = _png_folder(tmp_path / "pngs")
+    entries = [{"image": f"pngs/c{c}/img{i}.png", "label": c} for c in (0, 1) for i in range(4)]
+    entries.append({"image": "pngs/c0/img1.png", "label": second_label})
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": entries}))
+    assert main(["train", "--data", str(datalist), "--out", str(tmp_path / "c.pt"), *CLI_FAST]) == 2
+    _one_error_line(capsys, "img1.png", "listed twice")
+
+
+def test_empty_train_split_and_one_class_data(trained, tmp_path, capsys):
+    data, _ = trained
+    arrays = dict(np.load(data))
+    empty = {**arrays, "train_images": arrays["train_images"][:0], "train_labels": arrays["train_labels"][:0]}
+    one = {**arrays, **{f"{s}_labels": np.zeros_like(arrays[f"{s}_labels"]) for s in ("train", "val", "test")}}
+    np.savez(tmp_path / "empty.npz", **empty)
+    np.savez(tmp_path / "one.npz", **one)
+    assert main(["train", "--data", str(tmp_path / "empty.npz"), "--out", str(tmp_path / "e.pt"), *CLI_FAST]) == 2
+    _one_error_line(capsys, "empty.npz", "split has no images")
+    assert main(["evaluate", "--train", str(tmp_path / "empty.npz"), "--test", str(data), "--out",
+                 str(tmp_path / "ev"), "--epochs", "1", "--quiet"]) == 2
+    _one_error_line(capsys, "empty.npz", "split has no images")
+    assert main(["train", "--data", str(tmp_path / "one.npz"), "--out", str(tmp_path / "o.pt"), *CLI_FAST]) == 2
+    _one_error_line(capsys, "one.npz", "at least two classes")
+    assert not [p for p in tmp_path.iterdir() if p.suffix != ".npz"]

@@ -168,7 +168,7 @@ def load_protection(
     surrogate = None
     if payload.get("surrogate") is not None:
         surrogate = build_classifier(settings.surrogate, settings.spatial_dims, settings.in_channels,
-                                     settings.num_classes)
+                                     settings.num_classes, settings.image_size)
         surrogate.load_state_dict(payload["surrogate"])
         surrogate = surrogate.to(device).eval()
     return settings, generator.to(device).eval(), surrogate, payload.get("class_scores")

@@ -13,9 +13,11 @@ from ignite.metrics import Accuracy
 from monai.engines import IterationEvents, Trainer
 from monai.engines.workflow import Workflow
 from monai.handlers import from_engine
+from monai.data import DistributedSampler
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
+from monai_salm.engines.distributed import all_reduce, average_buffers, gather, is_main, unwrap, world_size, wrap_ddp
 from monai_salm.transforms.functional import (
     block_average,
     call_generator,
@@ -50,6 +52,17 @@ def _pred_and_label(output: dict | list[dict]) -> tuple[torch.Tensor, torch.Tens
     return pred, label
 
 
+def _grow(sums: torch.Tensor | None, counts: torch.Tensor | None, num_classes: int, spatial: Sequence[int],
+          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class score sums ``(num_classes, *spatial)`` and counts, zero-padded to at least ``num_classes`` rows."""
+    if sums is None:
+        return torch.zeros(num_classes, *spatial, device=device), torch.zeros(num_classes, device=device)
+    grow = num_classes - sums.shape[0]
+    if grow <= 0:
+        return sums, counts
+    return torch.cat([sums, sums.new_zeros(grow, *sums.shape[1:])]), torch.cat([counts, counts.new_zeros(grow)])
+
+
 class SALMTrainer(Trainer):
     """SALM min-min trainer: a surrogate classifier and a noise generator that both minimise the
     surrogate's cross-entropy on protected images ``x' = clip(x + M * eps * tanh(G(x, y)))``.
@@ -59,6 +72,14 @@ class SALMTrainer(Trainer):
     every ``mask_refresh`` epochs (after re-estimating batch-norm statistics on clean images). The run
     stops when the surrogate's running accuracy on protected images reaches ``stop_accuracy`` (after
     ``min_epochs``) or at ``max_epochs``.
+
+    Under ``torch.distributed`` (e.g. launched by ``torchrun``) the networks are wrapped in
+    :class:`~torch.nn.parallel.DistributedDataParallel` for their training steps (or may be passed wrapped), so their
+    gradients are averaged over the processes; give ``train_data_loader`` a ``DistributedSampler`` with this
+    process's share of the global batch. Masks are computed on each process's shard of the data and combined: class
+    score maps summed, per-sample masks gathered, batch-norm statistics averaged, so every process holds the same
+    masks; the key metric is reduced by Ignite, so the stop rule agrees. :attr:`surrogate` and :attr:`generator` are
+    always the bare networks (what a checkpoint stores).
 
     Batches are dictionaries with ``"image"`` (``B, C, *spatial``, scaled to ``value_range``),
     ``"label"`` (class indices) and ``"index"`` (position of the sample in ``train_data_loader.dataset``).
@@ -90,7 +111,8 @@ class SALMTrainer(Trainer):
         stop_accuracy: stop when the protected-data accuracy of an epoch reaches it (None: never).
         min_epochs: do not stop before this many epochs.
         mask_loader: loader over the same dataset in order used to compute masks; by default one is
-            built from ``train_data_loader.dataset``.
+            built from ``train_data_loader.dataset``. Under ``torch.distributed`` each process reads its own shard
+            of its dataset.
         seed: seed of the random-mask ablation and of ``surrogate_view``'s coin.
         surrogate_view: a countermeasure the protection must survive (e.g. a median filter), applied to the
             protected batch before the surrogate sees it, in the surrogate and the generator steps, with
@@ -149,8 +171,16 @@ class SALMTrainer(Trainer):
             handlers=train_handlers,
             **kwargs,
         )
-        self.surrogate = surrogate.to(self.state.device)
-        self.generator = generator.to(self.state.device)
+        # the training steps run through DDP wrappers when distributed; the bare networks serve everything else
+        # any classifier may serve as surrogate, and some (MONAI's ViT) leave parameters unused
+        self.surrogate_step_net = wrap_ddp(surrogate.to(self.state.device), self.state.device,
+                                           find_unused_parameters=True)
+        generator = generator.to(self.state.device)
+        # a generator with nothing to train (a fixed texture pattern) skips its steps
+        self.train_generator = any(p.requires_grad for p in unwrap(generator).parameters())
+        self.generator_step_net = wrap_ddp(generator, self.state.device) if self.train_generator else generator
+        self.surrogate = unwrap(self.surrogate_step_net)
+        self.generator = unwrap(self.generator_step_net)
         self.surrogate_optimizer = surrogate_optimizer
         self.generator_optimizer = generator_optimizer
         self.epsilon = float(epsilon)
@@ -174,6 +204,13 @@ class SALMTrainer(Trainer):
         self.mask_loader = mask_loader or DataLoader(
             train_data_loader.dataset, batch_size=getattr(train_data_loader, "batch_size", None) or 64, shuffle=False
         )
+        self.shard_loader = self.mask_loader
+        if world_size() > 1:
+            self.shard_loader = DataLoader(
+                self.mask_loader.dataset, batch_size=self.mask_loader.batch_size, shuffle=False,
+                sampler=DistributedSampler(self.mask_loader.dataset, even_divisible=False, shuffle=False),
+                pin_memory=self.mask_loader.pin_memory,
+            )
         self.masks: torch.Tensor | None = None  # (N, 1, *spatial) bool, per sample
         self.class_scores: torch.Tensor | None = None  # (num_classes, *spatial), class mode
         self.add_event_handler(Events.STARTED, self._on_started)
@@ -192,7 +229,7 @@ class SALMTrainer(Trainer):
                 x, y, _ = self._unpack(batch)
                 self.surrogate.train()
                 self.surrogate_optimizer.zero_grad()
-                F.cross_entropy(self.surrogate(x), y).backward()
+                F.cross_entropy(self.surrogate_step_net(x), y).backward()
                 self.surrogate_optimizer.step()
 
     def _maybe_refresh_masks(self, engine: Engine) -> None:
@@ -206,7 +243,8 @@ class SALMTrainer(Trainer):
         acc = engine.state.metrics.get("protected_accuracy")
         if self.stop_accuracy is not None and acc is not None and engine.state.epoch >= self.min_epochs:
             if acc >= self.stop_accuracy:
-                self.logger.info(f"protected accuracy {acc:.4f} >= {self.stop_accuracy}: stopping.")
+                if is_main():
+                    self.logger.info(f"protected accuracy {acc:.4f} >= {self.stop_accuracy}: stopping.")
                 engine.terminate()
 
     # ------------------------------------------------------------------ masks
@@ -216,50 +254,57 @@ class SALMTrainer(Trainer):
         return x, y, batch[INDEX_KEY].long().reshape(-1)
 
     def _recalibrate_batchnorm(self) -> None:
-        """Re-estimate the surrogate's batch-norm running statistics on clean images."""
-        recalibrate_batchnorm(self.surrogate, (self._unpack(batch)[0] for batch in self.mask_loader))
+        """Re-estimate the surrogate's batch-norm running statistics on clean images (averaged over processes)."""
+        recalibrate_batchnorm(self.surrogate, (self._unpack(batch)[0] for batch in self.shard_loader))
+        average_buffers(self.surrogate)
 
     def refresh_masks(self) -> None:
-        """Recompute every sample's mask (or the class masks) from the current surrogate."""
+        """Recompute every sample's mask (or the class masks) from the current surrogate.
+
+        Under ``torch.distributed`` this is collective: every process scores its shard, and the class score maps
+        (or the per-sample masks) of all processes are combined.
+        """
         n = len(self.mask_loader.dataset)
         if self.mask_mode == "random":
             if self.masks is not None:
                 return
             gen = torch.Generator().manual_seed(self.seed)
             masks = []
-            for batch in self.mask_loader:
+            for batch in self.mask_loader:  # all of it on every process: cheap, and the same draws as one process
                 x, _, _ = self._unpack(batch)
                 masks.append(topk_mask(torch.rand(x.shape[0], *x.shape[2:], generator=gen), self.k).bool())
             self.masks = torch.cat(masks).to(self.state.device)
             return
         self._recalibrate_batchnorm()
-        masks, sums, counts = [None] * n, None, None
-        for batch in self.mask_loader:
+        indices, sample_masks, sums, counts = [], [], None, None
+        for batch in self.shard_loader:
             x, y, idx = self._unpack(batch)
             scores = saliency_scores(self.surrogate, x, y, eval_mode=True)
             if self.mask_mode == "sample":
-                for i, m in zip(idx.tolist(), topk_mask(scores, self.k).bool()):
-                    masks[i] = m
-            else:
-                norm = scores / scores.flatten(1).sum(1).clamp_min(1e-12).reshape(-1, *[1] * (scores.ndim - 1))
-                num_classes = int(y.max()) + 1
-                if sums is None:
-                    sums = torch.zeros(num_classes, *scores.shape[1:], device=scores.device)
-                    counts = torch.zeros(num_classes, device=scores.device)
-                if num_classes > sums.shape[0]:
-                    grow = num_classes - sums.shape[0]
-                    sums = torch.cat([sums, sums.new_zeros(grow, *sums.shape[1:])])
-                    counts = torch.cat([counts, counts.new_zeros(grow)])
-                sums.index_add_(0, y, norm)
-                counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
+                indices.append(idx.cpu())
+                sample_masks.append(topk_mask(scores, self.k).bool().cpu())
+                continue
+            norm = scores / scores.flatten(1).sum(1).clamp_min(1e-12).reshape(-1, *[1] * (scores.ndim - 1))
+            sums, counts = _grow(sums, counts, int(y.max()) + 1, scores.shape[1:], scores.device)
+            sums.index_add_(0, y, norm)
+            counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
         if self.mask_mode == "sample":
-            self.masks = torch.stack(masks)
-        else:
-            self.class_scores = (sums / counts.clamp_min(1).reshape(-1, *[1] * (sums.ndim - 1))).detach()
-            if self.flip_symmetric:
-                self.class_scores = flip_average(self.class_scores)
-            self.class_scores = block_average(self.class_scores, self.mask_block)
-            self.class_masks = topk_mask(self.class_scores, self.k).bool()
+            masks = [None] * n
+            for part in gather((torch.cat(indices), torch.cat(sample_masks)) if indices else None):
+                for i, mask in zip(*part) if part is not None else ():
+                    masks[int(i)] = mask
+            self.masks = torch.stack(masks).to(self.state.device)
+            return
+        if world_size() > 1:
+            num_classes = int(all_reduce(torch.tensor([0 if sums is None else sums.shape[0]]), "MAX")[0])
+            spatial = self.mask_loader.dataset[0][Keys.IMAGE].shape[1:]
+            sums, counts = _grow(sums, counts, num_classes, spatial, self.state.device)
+            sums, counts = all_reduce(sums), all_reduce(counts)
+        self.class_scores = (sums / counts.clamp_min(1).reshape(-1, *[1] * (sums.ndim - 1))).detach()
+        if self.flip_symmetric:
+            self.class_scores = flip_average(self.class_scores)
+        self.class_scores = block_average(self.class_scores, self.mask_block)
+        self.class_masks = topk_mask(self.class_scores, self.k).bool()
 
     def mask_for(self, index: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Masks ``(B, 1, *spatial)`` of a batch given sample indices and labels."""
@@ -292,7 +337,7 @@ class SALMTrainer(Trainer):
         self.surrogate.train()
         self.surrogate_optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            logits = self.surrogate(view(protected))
+            logits = self.surrogate_step_net(view(protected))
             loss = F.cross_entropy(logits.float(), y)
         self.surrogate_scaler.scale(loss).backward()
         self.surrogate_scaler.step(self.surrogate_optimizer)
@@ -305,10 +350,10 @@ class SALMTrainer(Trainer):
             p.requires_grad_(False)
         generator_loss = torch.zeros(())
         try:
-            for _ in range(self.generator_steps):
+            for _ in range(self.generator_steps if self.train_generator else 0):
                 self.generator_optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
-                    raw = call_generator(self.generator, x, y)
+                    raw = call_generator(self.generator_step_net, x, y)
                     generator_loss = F.cross_entropy(
                         self.surrogate(view(perturb(x, mask, raw, self.epsilon, self.value_range))).float(), y
                     )

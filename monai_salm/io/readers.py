@@ -197,7 +197,7 @@ def _from_datalist(path: Path, splits: tuple[str, ...]) -> list[ImageRecord]:
     present = [s for s in splits if s in data]
     if not present:
         raise ValueError(f"{path}: none of the datalist keys {list(splits)} found (found: {sorted(data)}).")
-    records = []
+    records, seen = [], {}
     for split in present:
         if not isinstance(data[split], list):
             raise ValueError(f"{path}: '{split}' must be a list of entries.")
@@ -213,6 +213,10 @@ def _from_datalist(path: Path, splits: tuple[str, ...]) -> list[ImageRecord]:
             if not image.exists():
                 raise ValueError(f"{where}: image not found.")
             label = _as_label(entry["label"], where)
+            key = image.resolve()
+            if key in seen:
+                raise ValueError(f"{where}: listed twice (also as {seen[key]}); each image must appear once.")
+            seen[key] = f"'{split}' entry {i} with label {label}"
             records.append(ImageRecord(image, label, detect_format(image), path.parent, split=split))
     return records
 
@@ -221,6 +225,10 @@ def _from_class_folders(root: Path) -> list[ImageRecord]:
     classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{root}: no class subfolders (expected one subfolder per class).")
+    for item in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if FORMATS.get(full_suffix(item)) not in (None, "npz"):  # an image here would silently get no class
+            raise ValueError(f"{item}: an image at the top level of a class-folder dataset has no class; move it "
+                             "into the subfolder of its class.")
     records = []
     for label, folder in enumerate(classes):
         items = sorted(p for p in folder.iterdir() if not p.name.startswith("."))

@@ -90,8 +90,9 @@ def _encode_dicom(ds: pydicom.Dataset, frames: np.ndarray, dtype: np.dtype, slop
         ds.NumberOfFrames = number_of_frames  # set_pixel_data drops NumberOfFrames = 1
 
 
-def _mark_derived(ds: pydicom.Dataset, series_uid: str, description: str) -> None:
-    uid = generate_uid()
+def _mark_derived(ds: pydicom.Dataset, series_uid: str, description: str, uid_salt: str | None) -> None:
+    original = ds.get("SOPInstanceUID")
+    uid = generate_uid(entropy_srcs=["monai-salm", uid_salt, str(original)]) if uid_salt and original else generate_uid()
     ds.SOPInstanceUID = uid
     ds.file_meta.MediaStorageSOPInstanceUID = uid
     ds.SeriesInstanceUID = series_uid
@@ -101,8 +102,8 @@ def _mark_derived(ds: pydicom.Dataset, series_uid: str, description: str) -> Non
     ds.DerivationDescription = description[:1024]  # VR ST
 
 
-def _write_dicom(meta: ImageMeta, array: np.ndarray, dest: Path, description: str, series_uid: str | None
-                 ) -> list[Path]:
+def _write_dicom(meta: ImageMeta, array: np.ndarray, dest: Path, description: str, series_uid: str | None,
+                 uid_salt: str | None) -> list[Path]:
     frames = array.transpose(3, 2, 1, 0) if array.ndim == 4 else array.transpose(2, 1, 0)[None]
     if meta.format == "dicom_series":
         targets = [(k, frames[k : k + 1], dest / f.name) for k, f in enumerate(meta.files)]
@@ -113,7 +114,7 @@ def _write_dicom(meta: ImageMeta, array: np.ndarray, dest: Path, description: st
     for k, values, out in targets:  # encode everything first: a bad slice fails before any file is written
         ds = copy.deepcopy(meta.datasets[k])
         _encode_dicom(ds, values, meta.dtype, meta.slopes[k], meta.intercepts[k], meta.files[k])
-        _mark_derived(ds, series_uid, description)
+        _mark_derived(ds, series_uid, description, uid_salt)
         encoded.append((ds, out))
     for ds, out in encoded:
         with atomic_path(out) as tmp:
@@ -157,7 +158,7 @@ def _write_itk(meta: ImageMeta, array: np.ndarray, dest: Path) -> list[Path]:
 
 
 def write_image(meta: ImageMeta, array: np.ndarray, dest: str | os.PathLike, description: str = DEFAULT_DESCRIPTION,
-                series_uid: str | None = None) -> list[Path]:
+                series_uid: str | None = None, uid_salt: str | None = None) -> list[Path]:
     """Write ``array`` (original units) in the format and with the metadata of ``meta``.
 
     NIfTI keeps the header (affine, qform/sform and codes, every field) and the on-disk dtype and scaling.
@@ -173,6 +174,8 @@ def write_image(meta: ImageMeta, array: np.ndarray, dest: str | os.PathLike, des
         dest: the destination file, or folder for a DICOM series (slices keep their file names).
         description: DICOM DerivationDescription.
         series_uid: DICOM SeriesInstanceUID for the written files (a new one when None).
+        uid_salt: DICOM: derive each new SOPInstanceUID from this and the original one, so that writing the same
+            release again gives the same files (a random new UID when None).
 
     Returns:
         the files written.
@@ -189,7 +192,7 @@ def write_image(meta: ImageMeta, array: np.ndarray, dest: str | os.PathLike, des
     if meta.format == "nifti":
         return _write_nifti(meta, array, dest)
     if meta.format in ("dicom", "dicom_series"):
-        return _write_dicom(meta, array, dest, description, series_uid)
+        return _write_dicom(meta, array, dest, description, series_uid, uid_salt)
     if meta.format in ("png", "jpeg"):
         return _write_pil(meta, array, dest)
     if meta.format == "itk":
@@ -220,8 +223,11 @@ class ProtectedCopyWriter:
         records: the dataset's records; their roots are the input folders.
         overwrite: allow a non-empty ``output_root`` (existing files at the same paths are replaced).
         description: DICOM DerivationDescription.
-        uid_salt: secret mixed into the new DICOM SeriesInstanceUIDs, which are derived from the original series
-            UID so that files of one original series share one new series (random when None).
+        uid_salt: the release identity mixed into the new DICOM UIDs: each new SeriesInstanceUID is derived from it
+            and the original series UID (so files of one original series share one new series), each new
+            SOPInstanceUID from it, the record's relative path and the original instance UID. The same salt gives the same UIDs, so a release
+            written again, or by several processes, is byte-identical; a different salt gives other UIDs (random
+            when None).
         resume: allow a non-empty ``output_root`` holding the copy of an interrupted run. The new
             SeriesInstanceUIDs already used by DICOM copies there are reused for the other files of the same
             original series, and leftover temporary files of the records written are removed.
@@ -347,7 +353,9 @@ class ProtectedCopyWriter:
         existed = {p for p in targets if p.exists()}
         written: list[Path] = []
         try:
-            written = write_image(meta, array, dest, self.description, self._series_uid(meta))
+            # the relative path keeps instance UIDs unique when one original file is in the dataset twice
+            written = write_image(meta, array, dest, self.description, self._series_uid(meta),
+                                  f"{self.uid_salt}|{Path(record.relpath).as_posix()}")
         finally:  # also the slices of a series written before a failure
             self.created += [p for p in targets if p not in existed and p.exists()]
         self.replaced += [p for p in written if p in existed]

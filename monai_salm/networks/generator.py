@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import UNet
 
-__all__ = ["NoiseGenerator", "sign_code"]
+__all__ = ["NoiseGenerator", "sign_code", "class_textures", "PATTERNS"]
+
+#: Kinds of per-class pattern: ``"learned"`` (cells of learnable values) or ``"texture"`` (a fixed texture per class).
+PATTERNS = ("learned", "texture")
+#: Texture periods in pixels/voxels, in the order classes take them (stripes along each axis, then a checkerboard,
+#: at each period); the order measured in docs/results.md.
+_TEXTURE_PERIODS = (4, 2, 6, 8, 3, 5, 7)
 
 
 def sign_code(num_classes: int, channels: int) -> torch.Tensor:
@@ -33,6 +39,33 @@ def sign_code(num_classes: int, channels: int) -> torch.Tensor:
         return torch.tensor(picks, dtype=torch.float32)
     levels = torch.linspace(-1.0, 1.0, num_classes)
     return levels[:, None].repeat(1, channels)
+
+
+def class_textures(num_classes: int, channels: int, size: Sequence[int]) -> torch.Tensor:
+    """One +-1 texture per class: square-wave stripes along one axis, or a checkerboard, of a given period.
+
+    Classes take, period by period (4, 2, 6, 8, 3, 5, 7, then 9, 10, ...), the stripes along each spatial axis and
+    the checkerboard. A texture is local: any patch of a few periods shows it, wherever the class mask puts it and
+    however the image is shifted, and a flip keeps its kind and period, so a network that sees it after the
+    attacker's flips and shifts still reads the class. Every channel carries the same texture.
+
+    Args:
+        num_classes: number of classes.
+        channels: image channels.
+        size: spatial size (2 or 3 values).
+
+    Returns:
+        ``(num_classes, channels, *size)`` float tensor of -1 and +1.
+    """
+    kinds = len(size) + 1
+    periods = list(_TEXTURE_PERIODS) + [p for p in range(9, 9 + num_classes) if p not in _TEXTURE_PERIODS]
+    grids = torch.meshgrid(*[torch.arange(int(n), dtype=torch.float32) for n in size], indexing="ij")
+    codes = []
+    for c in range(num_classes):
+        period, kind = periods[c // kinds], c % kinds
+        waves = [torch.cos(2 * math.pi * (g + 0.5) / period).sign() for g in grids]
+        codes.append(math.prod(waves) if kind == len(size) else waves[kind])
+    return torch.stack(codes)[:, None].expand(-1, channels, *[-1] * len(size)).contiguous()
 
 
 class NoiseGenerator(torch.nn.Module):
@@ -58,6 +91,11 @@ class NoiseGenerator(torch.nn.Module):
             ``ceil(pattern_size / pattern_cell)`` cells per axis and is upsampled (nearest) to ``pattern_size``.
             Cells of 3 or more survive a 3x3 median filter, a 1-pixel blur and 2x down-up resampling, which
             destroy single-pixel patterns; 1 (the default) is one value per pixel.
+        pattern_kind: ``"learned"`` (the default): the spatial class pattern above; ``"texture"``: the output is a
+            fixed per-class texture (:func:`class_textures`) of magnitude 10, so ``epsilon * tanh`` puts it at
+            +-epsilon inside the mask; the UNet is not used and nothing is trained (the surrogate still chooses
+            the masks). A texture is a local, shift- and flip-robust feature that a victim picks up in its first
+            steps (docs/results.md). Needs ``pattern_size``; ``pattern_cell`` does not apply.
 
     Raises:
         ValueError: for unsupported ``spatial_dims`` or bad label values.
@@ -73,6 +111,7 @@ class NoiseGenerator(torch.nn.Module):
         code_scale: float = 2.0,
         pattern_size: Sequence[int] | None = None,
         pattern_cell: int = 1,
+        pattern_kind: str = "learned",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -94,7 +133,17 @@ class NoiseGenerator(torch.nn.Module):
         if int(pattern_cell) < 1:
             raise ValueError(f"pattern_cell must be a positive integer, got {pattern_cell}.")
         self.pattern_cell = int(pattern_cell)
-        if self.label_conditioned:
+        if pattern_kind not in PATTERNS:
+            raise ValueError(f"pattern_kind must be one of {PATTERNS}, got {pattern_kind!r}.")
+        if pattern_kind == "texture" and (self.pattern_size is None or not self.label_conditioned):
+            raise ValueError("a texture pattern needs label conditioning and a pattern_size.")
+        self.pattern_kind = pattern_kind
+        if pattern_kind == "texture":
+            if len(self.pattern_size) != spatial_dims:
+                raise ValueError(f"pattern_size must have {spatial_dims} values, got {pattern_size}.")
+            self.register_buffer("class_code", 10.0 * class_textures(self.num_classes, in_channels, self.pattern_size))
+            self.net.requires_grad_(False)  # the output is the texture alone: nothing here is trained
+        elif self.label_conditioned:
             code = sign_code(self.num_classes, in_channels)
             if self.pattern_size is not None:
                 if len(self.pattern_size) != spatial_dims:
@@ -110,7 +159,7 @@ class NoiseGenerator(torch.nn.Module):
     def class_pattern(self) -> torch.Tensor:
         """The per-class code: ``(num_classes, C)``, or ``(num_classes, C, *pattern_size)`` for a spatial pattern."""
         code = self.class_code
-        if self.pattern_size is None or self.pattern_cell == 1:
+        if self.pattern_size is None or self.pattern_cell == 1 or self.pattern_kind == "texture":
             return code
         code = F.interpolate(code, scale_factor=self.pattern_cell, mode="nearest")
         return code[(..., *[slice(0, s) for s in self.pattern_size])]
@@ -136,6 +185,8 @@ class NoiseGenerator(torch.nn.Module):
             onehot = F.one_hot(y, self.num_classes).to(x.dtype)
             onehot = onehot.reshape(*onehot.shape, *([1] * self.spatial_dims)).expand(-1, -1, *spatial)
             x = torch.cat([x, onehot], dim=1)
+        if self.pattern_kind == "texture":
+            return self.class_code[y].to(x.dtype)
         pad = []
         for size in reversed(spatial):
             pad += [0, (-size) % self.divisor]

@@ -217,13 +217,14 @@ def block_average(scores: torch.Tensor, block: int) -> torch.Tensor:
 def call_generator(generator: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """Run a generator, passing labels only to label-conditioned ones.
 
-    A generator is label-conditioned when it has a truthy attribute ``label_conditioned``; it is then
+    A generator is label-conditioned when it (or, for a ``DistributedDataParallel`` wrapper, its ``module``) has a
+    truthy attribute ``label_conditioned``; it is then
     called as ``generator(images, labels)``, otherwise as ``generator(images)``.
 
     Raises:
         ValueError: when a conditioned generator gets no labels, or the output shape differs from the input.
     """
-    if getattr(generator, "label_conditioned", False):
+    if getattr(getattr(generator, "module", generator), "label_conditioned", False):
         if labels is None:
             raise ValueError("this generator is label-conditioned: a label is required (set label_key).")
         out = generator(images, labels.long().reshape(-1))

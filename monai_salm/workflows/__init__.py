@@ -53,6 +53,7 @@ from monai_salm.workflows.protect import (
     protect_dataset,
     protect_evaluator,
     protect_files,
+    release_identity,
 )
 from monai_salm.workflows.saver import ProtectedCopySaver
 from monai_salm.workflows.split import SALMData, has_validation, load_train_val, split_validation
@@ -85,6 +86,7 @@ __all__ = [
     "protect_files",
     "protect_dataset",
     "protect_npz",
+    "release_identity",
     "log_checkpoint",
     "log_manifest",
     "run_evaluation",

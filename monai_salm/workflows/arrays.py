@@ -217,6 +217,8 @@ def load_training_arrays(
     if full_suffix(source) == ".npz":
         data = _npz_arrays(source, scaling, splits, limit, work_size)
         records = data.records
+        if not len(data.labels):
+            raise ValueError(f"{source}: the {'/'.join(splits)} split has no images.")
     else:
         records = load_dataset(source, tuple(splits))[: limit or None]
         if not records:

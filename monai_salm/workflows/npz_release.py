@@ -22,6 +22,7 @@ from monai_salm.data import (
     to_tensor,
 )
 from monai_salm.engines import SALMSettings, load_protection
+from monai_salm.engines.distributed import barrier, gather, is_main, rank, world_size
 from monai_salm.workflows.intensity import scaling_from_settings
 
 __all__ = ["npz_output", "check_npz_scaling", "release_stats", "unselected", "protect_npz"]
@@ -38,6 +39,8 @@ def npz_output(out: str | os.PathLike, data: str | os.PathLike, overwrite: bool 
         raise ValueError(f"{out}: a .npz release is written to a .npz file; give --out a .npz name.")
     if out.is_dir():
         raise ValueError(f"{out}: is a folder; a .npz release is written to a .npz file.")
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"{out}: is a broken symbolic link; give --out a file path.")
     if out.exists() and not overwrite:
         raise ValueError(f"{out}: already exists (pass --overwrite to replace it).")
     if out.resolve() == Path(data).resolve():
@@ -138,8 +141,8 @@ def protect_npz(
         check_npz_scaling(checkpoint, data, settings, images.dtype)
         x = to_tensor(images)
         try:
-            protected, _ = protect_tensor(x, torch.from_numpy(labels), settings, generator, surrogate, class_scores,
-                                          device=device, seed=seed, progress=progress, amp=amp)
+            protected = _protect_shared(x, torch.from_numpy(labels), settings, generator, surrogate, class_scores,
+                                        device=device, seed=seed, progress=progress, amp=amp)
         except ValueError as e:
             raise ValueError(f"{data}: {e}") from None
         keep_clean = unselected(labels, classes, fraction, seed)
@@ -148,5 +151,19 @@ def protect_npz(
         report[split] = {**release_stats(images, result[f"{split}_images"]),
                          "protected_images": int((~keep_clean).sum())}
     report["protect_seconds"] = round(time.perf_counter() - start, 2)
-    save_npz(out, result)
+    if is_main():
+        save_npz(out, result)
+    barrier()
     return {"out": str(out), **report}
+
+
+def _protect_shared(images: torch.Tensor, labels: torch.Tensor, *args, batch_size: int = 256, **kwargs) -> torch.Tensor:
+    """:func:`~monai_salm.api.protect_tensor` over all processes under ``torch.distributed``: each protects every
+    N-th batch, and all receive the whole result, identical to one process's."""
+    count = world_size()
+    if count <= 1:
+        return protect_tensor(images, labels, *args, batch_size=batch_size, **kwargs)[0]
+    mine, _ = protect_tensor(images, labels, *args, batch_size=batch_size, shard=(rank(), count), **kwargs)
+    parts = [part.split(batch_size) for part in gather(mine)]
+    batches = [parts[b % count][b // count] for b in range(-(-images.shape[0] // batch_size))]
+    return torch.cat(batches) if batches else images[:0].float()

@@ -3,6 +3,7 @@ and :func:`protect_dataset`."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -10,12 +11,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from monai.data import DataLoader
+from monai.data import DataLoader, DistributedSampler
 from monai.engines import PrepareBatchExtraInput, SupervisedEvaluator
 from monai.inferers import Inferer
 
 from monai_salm.api import protect_tensor
 from monai_salm.engines import SALMSettings, load_protection
+from monai_salm.engines.distributed import world_size
 from monai_salm.io import IntensityScaling, read_manifest
 from monai_salm.io.utils import full_suffix
 from monai_salm.workflows.dataset import ProtectionDataset
@@ -23,7 +25,8 @@ from monai_salm.workflows.intensity import scaling_from_settings
 from monai_salm.workflows.npz_release import protect_npz
 from monai_salm.workflows.saver import ProtectedCopySaver
 
-__all__ = ["Protection", "load_checkpoint", "ProtectInferer", "protect_evaluator", "protect_files", "protect_dataset"]
+__all__ = ["Protection", "load_checkpoint", "release_identity", "ProtectInferer", "protect_evaluator", "protect_files",
+           "protect_dataset"]
 
 
 class Protection(NamedTuple):
@@ -46,6 +49,25 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise ValueError(f"{path}: checkpoint not found.")
     settings, generator, surrogate, class_scores = load_protection(path, device)
     return Protection(settings, generator, surrogate, class_scores, scaling_from_settings(settings))
+
+
+def release_identity(checkpoint: str | os.PathLike, seed: int = 0) -> str:
+    """What makes a release: the sha256 of the checkpoint file and the seed, hashed into one hex string.
+
+    New DICOM UIDs are derived from it (:class:`~monai_salm.io.ProtectedCopyWriter` ``uid_salt``), so the same
+    inputs, checkpoint and seed give byte-identical files, and another checkpoint or seed gives other UIDs.
+
+    Raises:
+        ValueError: when the checkpoint cannot be read.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(checkpoint, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as e:
+        raise ValueError(f"{checkpoint}: cannot read the checkpoint ({e.strerror or e}).") from None
+    return hashlib.sha256(f"monai-salm release|{digest.hexdigest()}|{int(seed)}".encode()).hexdigest()
 
 
 class ProtectInferer(Inferer):
@@ -84,19 +106,24 @@ def protect_evaluator(
     seed: int = 0,
     resume: bool = False,
     amp: bool | None = None,
+    uid_salt: str | None = None,
 ) -> tuple[SupervisedEvaluator, ProtectedCopySaver]:
     """The evaluator of ``bundles/salm_protect/configs/inference.json``, built in Python.
 
-    ``overwrite`` and ``resume`` are those of :class:`ProtectedCopySaver`; ``amp`` that of :class:`ProtectInferer`.
+    ``overwrite``, ``resume`` and ``uid_salt`` are those of :class:`ProtectedCopySaver`; ``amp`` that of
+    :class:`ProtectInferer`. Under ``torch.distributed`` each process protects every N-th image (a
+    ``DistributedSampler`` without padding) and the saver merges the manifests.
 
     Returns:
         ``(evaluator, saver)``; ``evaluator.run()`` writes the copy, then ``saver.manifest_path`` is the manifest.
     """
-    saver = ProtectedCopySaver(dataset, output_dir, overwrite=overwrite, resume=resume)
+    saver = ProtectedCopySaver(dataset, output_dir, overwrite=overwrite, resume=resume, uid_salt=uid_salt)
     cuda = torch.device(device).type == "cuda"
+    sampler = DistributedSampler(dataset, even_divisible=False, shuffle=False) if world_size() > 1 else None
     evaluator = SupervisedEvaluator(
         device=torch.device(device),
-        val_data_loader=DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0, pin_memory=cuda),
+        val_data_loader=DataLoader(dataset, batch_size=1, shuffle=False, sampler=sampler, num_workers=0,
+                                   pin_memory=cuda),
         non_blocking=cuda,
         network=protection.generator,
         inferer=ProtectInferer(protection.settings, protection.surrogate, protection.class_scores, seed=seed, amp=amp),
@@ -121,7 +148,9 @@ def protect_files(
 
     Each file is read in original units, scaled with the checkpoint's intensity scaling, protected (one saliency
     gradient or class mask, one generator pass), mapped back with :meth:`IntensityScaling.apply_delta` and written
-    by :class:`~monai_salm.io.ProtectedCopyWriter`. This is what the bundle's ``inference.json`` runs.
+    by :class:`~monai_salm.io.ProtectedCopyWriter`. This is what the bundle's ``inference.json`` runs. The same
+    inputs, checkpoint and seed give byte-identical files (new DICOM UIDs come from :func:`release_identity`), with
+    one process or several under ``torch.distributed`` (each then writes its share of the files).
 
     Args:
         checkpoint: a monai-salm checkpoint (``models/model.pt`` of the bundle, ``monai-salm train --out``).
@@ -146,7 +175,7 @@ def protect_files(
     protection = load_checkpoint(checkpoint, device)
     dataset = ProtectionDataset(source, protection.scaling, protection.settings)
     evaluator, saver = protect_evaluator(protection, dataset, output_dir, overwrite, device, seed=seed, resume=resume,
-                                         amp=amp)
+                                         amp=amp, uid_salt=release_identity(checkpoint, seed))
     evaluator.run()
     return saver.manifest_path
 
@@ -188,6 +217,8 @@ def protect_dataset(
         raise ValueError("--splits, --classes and --fraction apply to .npz data only; a datalist or class folder is "
                          "protected whole.")
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"{out}: is a broken symbolic link; give --out a folder path.")
     if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
         raise ValueError(f"{out}: output folder is not empty (pass --overwrite to write into it, or --resume to "
                          "complete an interrupted run).")

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 
-from monai_salm.io import DEFAULT_DESCRIPTION, ProtectedCopyWriter
+from monai_salm.engines.distributed import SharedError, barrier, gather, is_main, world_size
+from monai_salm.io import DEFAULT_DESCRIPTION, ProtectedCopyWriter, write_manifest
 from monai_salm.workflows.dataset import ProtectionDataset
+from monai_salm.workflows.release_folder import RECORD_NAME, acquire_lock, claim_release, release_lock
 
 __all__ = ["ProtectedCopySaver", "as_bool"]
 
@@ -48,6 +50,16 @@ class ProtectedCopySaver:
     (:meth:`~monai_salm.io.ProtectedCopyWriter.add_existing`), the missing copies are written, and the manifest
     covers every image. A failed resumed run removes only the files it created itself.
 
+    While it writes, the folder holds a lock (``.monai-salm.lock``), so a second run into the same folder stops with
+    an error; with ``uid_salt`` (the release identity), ``.monai-salm-release.json`` records it, and a resumed run
+    of another checkpoint or seed is refused. An interrupted run (Ctrl-C) keeps the copies it finished, for
+    ``resume``.
+
+    Under ``torch.distributed`` each process runs this handler over its own share of the images (the evaluator's
+    loader has a ``DistributedSampler`` without padding). Ending is collective: when every process succeeded, rank 0
+    writes one manifest of all images in dataset order (the same file a single process writes); when any failed,
+    every process removes what it wrote and raises the first failure's message (:class:`SharedError`).
+
     Args:
         dataset: the :class:`ProtectionDataset` the evaluator reads.
         output_dir: where the copy goes (must be outside the input, and empty unless ``overwrite`` or ``resume``).
@@ -55,20 +67,26 @@ class ProtectedCopySaver:
         manifest_name: manifest file name inside ``output_dir`` (``.csv`` or ``.json``).
         description: DICOM DerivationDescription.
         resume: allow a non-empty ``output_dir`` and keep the copies already there.
+        uid_salt: the release identity new DICOM UIDs are derived from (:class:`~monai_salm.io.ProtectedCopyWriter`;
+            see :func:`~monai_salm.workflows.release_identity`); random when None.
     """
 
     def __init__(self, dataset: ProtectionDataset, output_dir: str | os.PathLike, overwrite: bool = False,
                  manifest_name: str = "manifest.csv", description: str = DEFAULT_DESCRIPTION,
-                 resume: bool = False) -> None:
+                 resume: bool = False, uid_salt: str | None = None) -> None:
         self.dataset = dataset
         self.output_dir = Path(output_dir)
         self.overwrite = as_bool(overwrite, "overwrite")
         self.resume = as_bool(resume, "resume")
         self.manifest_name = manifest_name
         self.description = description
+        self.uid_salt = uid_salt
         self.writer: ProtectedCopyWriter | None = None
         self.manifest_path: Path | None = None
         self._created: list[Path] = []
+        self._entries: list[tuple[int, list]] = []  # (dataset index, manifest entries of its copy)
+        self._finished = False
+        self._locked = self._recorded = False
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.started)
@@ -79,8 +97,22 @@ class ProtectedCopySaver:
     def started(self, engine: Engine) -> None:
         missing = [p for p in (self.output_dir, *self.output_dir.parents) if not p.exists()]
         self.writer = ProtectedCopyWriter(self.output_dir, self.dataset.records, overwrite=self.overwrite,
-                                          description=self.description, resume=self.resume)
+                                          description=self.description, uid_salt=self.uid_salt, resume=self.resume)
         self._created = missing  # folders this run made (removed again if it fails)
+        self._entries, self._finished = [], False
+        barrier()  # every process has checked the output folder before the lock or any file appears in it
+        problem = None
+        if is_main():
+            try:
+                acquire_lock(self.output_dir)
+                self._locked = True
+                if self.uid_salt:
+                    self._recorded = claim_release(self.output_dir, self.uid_salt, self.resume)
+            except ValueError as e:
+                problem = str(e)
+        problem = next((p for p in gather(problem) if p is not None), None)  # all processes learn of it
+        if problem is not None:
+            raise SharedError(problem)
         if self.resume:
             done = sum(self.writer.is_written(r) for r in self.dataset.records)
             engine.logger.info(f"resuming in {self.output_dir}: {done} of {len(self.dataset.records)} image(s) "
@@ -93,20 +125,49 @@ class ProtectedCopySaver:
             record = self.dataset.records[index]
             original, clean_unit, meta = self.dataset.take(index)
             if self.resume and self.writer.is_written(record):
-                self.writer.add_existing(record, meta, original=original)
-                continue
-            array = self.dataset.scaling.apply_delta(original, clean_unit, protected[j])
-            self.writer.write(record, meta, array, original=original)
+                entries = self.writer.add_existing(record, meta, original=original)
+            else:
+                array = self.dataset.scaling.apply_delta(original, clean_unit, protected[j])
+                entries = self.writer.write(record, meta, array, original=original)
+            self._entries.append((index, entries))
 
     def completed(self, engine: Engine) -> None:
-        self.manifest_path = self.writer.write_manifest(self.output_dir / self.manifest_name)
+        self._finish(None)
         written = len(self.writer.created) + len(self.writer.replaced)
         kept = f", kept {len(self.writer.entries) - written} already there," if self.resume else ""
         engine.logger.info(f"wrote {written} protected file(s){kept} and the manifest {self.manifest_path}.")
 
-    def exception_raised(self, engine: Engine, e: Exception) -> None:
-        self.cleanup()
+    def exception_raised(self, engine: Engine, e: BaseException) -> None:
+        if isinstance(e, KeyboardInterrupt):  # every process is interrupted: keep the finished copies for resume
+            self._unlock()
+            raise e
+        if not self._finished:  # an error raised by _finish itself has been agreed on already
+            self.cleanup()
+            self._finish(e)
         raise e
+
+    def _unlock(self) -> None:
+        if self._locked:
+            release_lock(self.output_dir)
+            self._locked = False
+
+    def _finish(self, error: Exception | None) -> None:
+        """Collective end of the run: agree on failure, else write the manifest of every process's images."""
+        self._finished = True
+        parts = gather((None if error is None else str(error), self._entries))
+        failure = next((message for message, _ in parts if message is not None), None)
+        if failure is not None:
+            if error is None:
+                self.cleanup()
+            if error is None or world_size() > 1:  # under torchrun every process stops with the same error
+                raise SharedError(failure) from error
+            return
+        self.manifest_path = self.output_dir / self.manifest_name
+        if is_main():
+            ordered = sorted((item for _, entries in parts for item in entries), key=lambda item: item[0])
+            write_manifest([entry for _, entries in ordered for entry in entries], self.manifest_path)
+            self._unlock()
+        barrier()
 
     def cleanup(self) -> None:
         """Remove the files written so far and the folders this run created, if empty.
@@ -123,6 +184,10 @@ class ProtectedCopySaver:
                 if folder != self.output_dir and folder.is_dir() and not any(folder.iterdir()):
                     folder.rmdir()
             self.writer.entries.clear()
+        if self._recorded:
+            (self.output_dir / RECORD_NAME).unlink(missing_ok=True)
+            self._recorded = False
+        self._unlock()
         for folder in self._created:  # deepest first
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()

@@ -16,6 +16,7 @@ from monai.inferers import Inferer
 
 from monai_salm.api import protect_tensor
 from monai_salm.engines import SALMSettings, save_protection
+from monai_salm.engines.distributed import barrier, is_main
 from monai_salm.io import IntensityScaling
 from monai_salm.networks import NoiseGenerator
 from monai_salm.transforms.functional import epsilon_for_psnr
@@ -30,7 +31,9 @@ def _generator_kwargs(generator: NoiseGenerator) -> dict[str, Any]:
                               "strides": [int(s) for s in generator.net.strides]}
     if generator.pattern_size is not None:
         kwargs["pattern_size"] = list(generator.pattern_size)
-    if generator.pattern_cell > 1:
+    if generator.pattern_kind != "learned":
+        kwargs["pattern_kind"] = generator.pattern_kind
+    elif generator.pattern_cell > 1:
         kwargs["pattern_cell"] = generator.pattern_cell
     return kwargs
 
@@ -159,7 +162,8 @@ class SaveProtection:
 
     At ``COMPLETED`` it recomputes the final masks (and clean batch-norm statistics) of the
     :class:`~monai_salm.engines.SALMTrainer`, as :func:`monai_salm.api.train_salm` does, and saves generator,
-    surrogate, class score maps and settings to ``path`` (atomically).
+    surrogate, class score maps and settings to ``path`` (atomically). Under ``torch.distributed`` attach it on every
+    process (the masks are recomputed collectively); rank 0 writes the file and the others wait for it.
 
     Args:
         path: the checkpoint file (the bundle's ``models/model.pt``).
@@ -188,5 +192,8 @@ class SaveProtection:
             "protected_accuracy": engine.state.metrics.get("protected_accuracy"),
             "train_seconds": None if self._start is None else time.perf_counter() - self._start,
         }
-        save_protection(self.path, self.settings, engine.generator, engine.surrogate, engine.class_scores, extra=extra)
-        engine.logger.info(f"saved the monai-salm checkpoint to {self.path}.")
+        if is_main():
+            save_protection(self.path, self.settings, engine.generator, engine.surrogate, engine.class_scores,
+                            extra=extra)
+            engine.logger.info(f"saved the monai-salm checkpoint to {self.path}.")
+        barrier()
