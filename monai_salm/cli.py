@@ -232,6 +232,10 @@ def _protect(args: argparse.Namespace) -> dict:
     if "manifest" in report:
         print(f"protected {report['files']} file(s) into {args.out}: max change {report['max_abs_change']:.4g} "
               f"(original units), {report['changed_voxels']} changed voxels; manifest {report['manifest']}")
+        if report["lossy_jpeg"]:
+            print(f"monai-salm: warning: {report['lossy_jpeg']} JPEG file(s) were written as JPEG, which is lossy: the "
+                  "re-encoding changes pixels outside the mask and may exceed epsilon (the manifest gives the measured "
+                  "change); convert them to PNG before protecting to keep the guarantees exact.", file=sys.stderr)
     for split in SPLITS:
         if split in report:
             s = report[split]

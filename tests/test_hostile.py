@@ -347,7 +347,8 @@ def test_releases_are_reproducible_dicom_included(trained, tmp_path):
         (src / f"c{label}").mkdir(parents=True)
         for i in range(2):
             ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-            ds.set_pixel_data(rng.integers(0, 1000, (16, 16)).astype(np.int16), "MONOCHROME2", 16)
+            ds.set_pixel_data(rng.integers(0, 256, (16, 16)).astype(np.int16), "MONOCHROME2", 16)
+            ds.RescaleIntercept = 0  # values 0..255, as the 8-bit checkpoint expects
             ds.save_as(src / f"c{label}" / f"s{i}.dcm", enforce_file_format=True)
     outs = [tmp_path / name for name in ("a", "b", "c")]
     for out, seed in zip(outs, ("0", "0", "1")):
@@ -403,3 +404,39 @@ def test_empty_train_split_and_one_class_data(trained, tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "one.npz"), "--out", str(tmp_path / "o.pt"), *CLI_FAST]) == 2
     _one_error_line(capsys, "one.npz", "at least two classes")
     assert not [p for p in tmp_path.iterdir() if p.suffix != ".npz"]
+
+
+def test_wide_image_against_an_8bit_checkpoint(trained, tmp_path, capsys):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    _, ckpt = trained  # trained on uint8 images: intensity range 0..255
+    src = tmp_path / "dcm"
+    for label in (0, 1):
+        (src / f"c{label}").mkdir(parents=True)
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.set_pixel_data(np.full((16, 16), 3000, dtype=np.int16), "MONOCHROME2", 16)
+        ds.save_as(src / f"c{label}" / "s.dcm", enforce_file_format=True)
+    before = _tree(src)
+    out = tmp_path / "out"
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(src), "--out", str(out), "--quiet"]) == 2
+    _one_error_line(capsys, "s.dcm", "outside the checkpoint's intensity range [0, 255]")
+    assert not out.exists() and _tree(src) == before
+
+
+def test_lossy_jpeg_output_is_reported(trained, tmp_path, capsys):
+    from PIL import Image
+
+    from monai_salm.io import read_manifest
+
+    _, ckpt = trained
+    src = _png_folder(tmp_path / "src")
+    for png in list(src.rglob("*.png"))[:3]:
+        Image.open(png).save(png.with_suffix(".jpg"), quality=95)
+        png.unlink()
+    out = tmp_path / "out"
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(src), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 3 JPEG file(s)" in err and "lossy" in err
+    jpeg = [e for e in read_manifest(out / "manifest.csv") if e.format == "jpeg"]
+    assert len(jpeg) == 3  # their measured change is what the manifest records

@@ -96,7 +96,16 @@ class ProtectionDataset(torch.utils.data.Dataset):
                 raise ValueError(
                     f"{record.path}: has {array.shape[0]} channel(s), the checkpoint expects {s.in_channels}."
                 )
-        return array, self.scaling.to_unit(array), meta
+        scaling = self.scaling
+        if scaling.kind == "range" and array.size and (array.max() > scaling.hi or array.min() < scaling.lo):
+            # e.g. a 16-bit scan against an 8-bit checkpoint: clipped to the range, then changed by a few units of a
+            # much wider range, it would be released effectively unprotected
+            raise ValueError(
+                f"{record.path}: values span [{array.min():g}, {array.max():g}], outside the checkpoint's intensity "
+                f"range [{scaling.lo:g}, {scaling.hi:g}] (trained on other data, e.g. 8-bit); train a checkpoint on "
+                "images like this one (or with an --intensity that covers them)."
+            )
+        return array, scaling.to_unit(array), meta
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         array, unit, meta = self._load(index)

@@ -202,8 +202,9 @@ def protect_dataset(
     size are protected at their own size.
 
     Returns:
-        the ``.npz`` report (per split statistics), or for files ``{"out", "manifest", "files", "changed_voxels",
-        "max_abs_change"}``; both with ``protect_seconds``.
+        the ``.npz`` report (per split statistics), or for files ``{"out", "manifest", "files", "lossy_jpeg",
+        "changed_voxels", "max_abs_change"}`` (``lossy_jpeg``: JPEG copies, whose re-encoding spreads the change
+        beyond the mask; the manifest measures it); both with ``protect_seconds``.
 
     Raises:
         ValueError: naming the file, for bad inputs or options that do not apply to the data's form.
@@ -233,6 +234,7 @@ def protect_dataset(
         "out": str(out),
         "manifest": str(manifest),
         "files": len(entries),
+        "lossy_jpeg": sum(e.format == "jpeg" for e in entries),
         "changed_voxels": int(sum(e.changed_voxels for e in entries)),
         "max_abs_change": max((e.max_abs_change for e in entries), default=0.0),
         "protect_seconds": round(time.perf_counter() - start, 2),
