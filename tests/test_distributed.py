@@ -139,7 +139,10 @@ def test_folder_release_is_byte_identical_dicom_included(tmp_path, checkpoint):
     make_dicom(tmp_path / "data" / "dcm", n=3)
     for folder in ("benign", "malignant"):  # one class folder layout: PNGs and DICOM slices side by side
         for f in (tmp_path / "data" / "dcm" / ("normal" if folder == "benign" else "nodule")).iterdir():
-            f.rename(data / folder / f.name)
+            ds = pydicom.dcmread(f)  # values 0..255, the range of the 8-bit checkpoint
+            ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+            ds.set_pixel_data(np.clip(ds.pixel_array // 8 + 128, 0, 255).astype(np.int16), "MONOCHROME2", 16)
+            ds.save_as(data / folder / f.name, enforce_file_format=True)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     one, two = tmp_path / "a" / "release", tmp_path / "b" / "release"
