@@ -548,6 +548,10 @@ def main(argv: list[str] | None = None) -> int:
             hint = ": the copies finished so far are kept; run the same command with --resume to complete the release"
         print(f"monai-salm: interrupted{hint}", file=sys.stderr)
         return 130
+    except OSError as e:  # unwritable or read-only output, full disk, ...: the path and the reason, nothing else
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"monai-salm: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except (CLIError, ValueError) as e:
         if os.environ.get("RANK", "0") == "0" or not isinstance(e, SharedError):  # under torchrun: said once
             print(f"monai-salm: error: {e}", file=sys.stderr)

@@ -440,3 +440,34 @@ def test_lossy_jpeg_output_is_reported(trained, tmp_path, capsys):
     assert "warning: 3 JPEG file(s)" in err and "lossy" in err
     jpeg = [e for e in read_manifest(out / "manifest.csv") if e.format == "jpeg"]
     assert len(jpeg) == 3  # their measured change is what the manifest records
+
+
+def test_full_disk_gives_one_line_and_no_partial_output(trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import monai_salm.io.writers as writers
+
+    data, ckpt = trained
+    pngs = _png_folder(tmp_path / "pngs")
+    before = _tree(pngs)
+    real = writers.write_image
+    calls = []
+
+    def full_disk(meta, array, dest, *args, **kwargs):  # the third file finds the disk full
+        calls.append(dest)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dest))
+        return real(meta, array, dest, *args, **kwargs)
+
+    monkeypatch.setattr(writers, "write_image", full_disk)
+    out = tmp_path / "out"
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(pngs), "--out", str(out), "--quiet"]) == 2
+    _one_error_line(capsys, "No space left on device", "img")
+    assert not out.exists() and _tree(pngs) == before
+    monkeypatch.setattr("monai_salm.workflows.npz_release.save_npz",
+                        lambda path, arrays: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device",
+                                                                          str(path))))
+    assert main(["protect", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "r.npz"),
+                 "--quiet"]) == 2
+    _one_error_line(capsys, "r.npz", "No space left on device")
+    assert not (tmp_path / "r.npz").exists()
