@@ -142,7 +142,10 @@ def load_protection(
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
-        raise ValueError(f"{path}: not a readable monai-salm checkpoint ({type(e).__name__}: {e}).") from e
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        if not Path(path).is_file():
+            reason = "no such file"
+        raise ValueError(f"{path}: not a readable monai-salm checkpoint ({reason}).") from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a monai-salm checkpoint (missing format {CHECKPOINT_FORMAT!r}).")
     try:

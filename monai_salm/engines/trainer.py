@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy
+from monai.data import DistributedSampler
 from monai.engines import IterationEvents, Trainer
 from monai.engines.workflow import Workflow
 from monai.handlers import from_engine
-from monai.data import DistributedSampler
 from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
 

@@ -55,9 +55,12 @@ def parse_intensity(spec: str | dict | IntensityScaling | None) -> IntensityScal
     except ValueError:
         raise ValueError(f"intensity {spec!r}: the two bounds must be numbers.") from None
     kind = parts[0].lower()
-    if kind == "percentile":
-        return IntensityScaling("percentile", lower=a, upper=b)
-    return IntensityScaling(kind, lo=a, hi=b)
+    try:
+        if kind == "percentile":
+            return IntensityScaling("percentile", lower=a, upper=b)
+        return IntensityScaling(kind, lo=a, hi=b)
+    except ValueError as e:
+        raise ValueError(f"intensity {spec!r}: {e}") from None
 
 
 def scaling_from_settings(settings: SALMSettings) -> IntensityScaling:
