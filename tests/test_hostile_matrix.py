@@ -1,9 +1,9 @@
-"""Bad inputs thrown at the command line and the bundle, each checked the same way.
+"""Bad inputs thrown at the command line, the bundle and the MONAI Label task, each checked the same way.
 
-For every case: exit code 2 (the bundle: an error whose cause names the file and the problem), one error line that
-names the file or option and the problem, and the whole working folder byte-identical afterwards: inputs unchanged
-and no output, partial or hidden, left behind. The MONAI Label task's errors (HTTP 404/422 with the cause) are in
-``test_monailabel_app.py``.
+For every case: exit code 2 (the bundle: an error whose cause names the file and the problem; the MONAI Label core: a
+one-line ValueError, which the task turns into HTTP 404/422), one error line that names the file or option and the
+problem, and the whole working folder byte-identical afterwards: inputs unchanged and no output, partial or hidden,
+left behind. The task's HTTP layer itself is tested in ``test_monailabel_app.py`` where monailabel is installed.
 """
 
 from __future__ import annotations
@@ -169,6 +169,9 @@ CASES: dict[str, tuple[Callable[[Path], list], tuple[str, ...]]] = {
         pngs(w / "p"), out=str(w / "link")), ("link", "symbolic link")),
     "protect: resume into another release": (lambda w: _other_release(w) or _protect(
         w / "p", "--resume", "--seed", "3", out=str(w / "rel")), ("rel", "another checkpoint or seed")),
+    "protect: empty datalist": (lambda w: _protect(write(w / "e.json", b'{"training": [], "test": []}')),
+                                ("e.json", "no images")),
+    "train: empty datalist": (lambda w: _train(write(w / "e.json", b'{"training": []}')), ("e.json", "no images")),
     "protect: resume with npz": (lambda w: _protect(w / "d.npz", "--resume", out="{w}/r.npz"), ("--resume",)),
     # other commands
     "verify: not a release": (lambda w: ["verify", "--release", str(w), "--original", str(w)], ("manifest",)),
@@ -225,3 +228,88 @@ def test_cli_case(name, assets, tmp_path, capsys):
     for word in words:
         assert word.lower() in err[0].lower(), (name, err[0])
     assert snapshot(w) == before, name  # inputs untouched, nothing written, nothing hidden left
+
+
+# The bundle's inference config, in process: name -> (build(w) -> (dataset_dir, overrides), words of the cause).
+BUNDLE_CASES: dict[str, tuple[Callable[[Path], tuple[Path, dict]], tuple[str, ...]]] = {
+    "bundle: corrupt png": (lambda w: ((pngs(w / "p") / "c1" / "img2.png").write_bytes(b"not a png") and w / "p", {}),
+                            ("img2.png",)),
+    "bundle: rgb against grey": (lambda w: (pngs(w / "p", mode="RGB"), {}), ("img0.png", "channel")),
+    "bundle: 16-bit against 8-bit": (lambda w: (_dicom_3000(w / "p") or w / "p", {}), ("s.dcm", "intensity range")),
+    "bundle: output inside the input": (lambda w: (pngs(w / "p"), {"output_dir": str(w / "p" / "out")}),
+                                        ("inside the input",)),
+    "bundle: unclear overwrite flag": (lambda w: (pngs(w / "p"), {"overwrite": "maybe"}), ("overwrite", "maybe")),
+    "bundle: resume into another release": (lambda w: (_other_release(w) or w / "p", {
+        "output_dir": str(w / "rel"), "resume": True, "seed": 3}), ("another checkpoint or seed",)),
+}
+
+
+@pytest.mark.parametrize("name", list(BUNDLE_CASES))
+def test_bundle_case(name, assets, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "salm_protect" / "configs"
+    w = tmp_path / "w"
+    (w / "bundle" / "models").mkdir(parents=True)
+    shutil.copy(assets / "salm.pt", w / "salm.pt")
+    shutil.copy(assets / "salm.pt", w / "bundle" / "models" / "model.pt")
+    build, words = BUNDLE_CASES[name]
+    data, override = build(w)
+    override = {"bundle_root": str(w / "bundle"), "dataset_dir": str(data), "output_dir": str(w / "out"), **override}
+    before = snapshot(w)
+    workflow = ConfigWorkflow(config_file=str(configs / "inference.json"), meta_file=str(configs / "metadata.json"),
+                              workflow_type="infer", logging_file=False, **override)
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+        workflow.run()
+    causes, error = [], info.value
+    while error is not None:
+        causes.append(str(error))
+        error = error.__cause__ or error.__context__
+    for word in words:
+        assert any(word.lower() in c.lower() for c in causes), (name, causes)
+    assert snapshot(w) == before, name
+
+
+def _label_core():
+    """The MONAI Label task's protection core (``apps/monailabel_salm/lib/infers/salm_core.py``), loaded by path."""
+    from test_monailabel_app import core
+
+    return core
+
+
+# The MONAI Label task's file-in, file-out core (the task turns these errors into HTTP 404/422 with the message):
+# name -> (build(w) -> (checkpoint, image, class_index), words of the error).
+LABEL_CASES: dict[str, tuple[Callable[[Path], tuple], tuple[str, ...]]] = {
+    "label: corrupt image": (lambda w: (w / "salm.pt", write(w / "x.png", b"not a png"), 0), ("x.png",)),
+    "label: class outside the checkpoint": (lambda w: (w / "salm.pt", pngs(w / "p") / "c0" / "img0.png", 7),
+                                            ("class_index 7", "outside")),
+    "label: rgb against grey": (lambda w: (w / "salm.pt", pngs(w / "p", mode="RGB") / "c0" / "img0.png", 0),
+                                ("channel",)),
+    "label: garbage checkpoint": (lambda w: (write(w / "junk.pt", b"junk" * 20), pngs(w / "p") / "c0" / "img0.png",
+                                             0), ("junk.pt", "not a readable")),
+    "label: 3D image, 2D checkpoint": (lambda w: (w / "salm.pt", _volume(w / "v.nii.gz"), 0), ("3D", "2D")),
+}
+
+
+def _volume(path: Path) -> Path:
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), path)
+    return path
+
+
+@pytest.mark.parametrize("name", list(LABEL_CASES))
+def test_label_case(name, assets, tmp_path):
+    core = _label_core()
+    w = tmp_path / "w"
+    w.mkdir()
+    shutil.copy(assets / "salm.pt", w / "salm.pt")
+    build, words = LABEL_CASES[name]
+    ckpt, image, class_index = build(w)
+    before = snapshot(w)
+    with pytest.raises(ValueError) as info:
+        core.SALMProtector(ckpt).protect_file(image, w / "out.png", class_index=class_index)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1, message
+    for word in words:
+        assert word.lower() in message.lower(), (name, message)
+    assert snapshot(w) == before, name

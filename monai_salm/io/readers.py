@@ -204,6 +204,8 @@ def _from_datalist(path: Path, splits: tuple[str, ...]) -> list[ImageRecord]:
         for i, entry in enumerate(data[split]):
             if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
                 raise ValueError(f"{path}: '{split}' entry {i} must be an object with an 'image' path, got {entry!r}.")
+        if not data[split]:
+            continue
         entries = load_decathlon_datalist(path, is_segmentation=False, data_list_key=split, base_dir=path.parent)
         for i, entry in enumerate(entries):
             where = f"{path}: '{split}' entry {i} ({entry['image']})"

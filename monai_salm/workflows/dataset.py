@@ -66,6 +66,8 @@ class ProtectionDataset(torch.utils.data.Dataset):
             if key not in seen:
                 seen.add(key)
                 records.append(record)
+        if not records:
+            raise ValueError(f"{self.source}: no images found (the lists {list(splits)} are empty).")
         self.records: list[ImageRecord] = records
         for r in records:
             r.relpath  # noqa: B018 - raises, naming the file, when an image lies outside the dataset root
