@@ -313,6 +313,11 @@ def test_release_folder_is_locked_and_bound_to_its_release(trained, tmp_path, ca
     protect = ["protect", "--checkpoint", str(ckpt), "--data", str(pngs), "--out", str(out), "--quiet"]
     assert main(protect) == 0
     files = _tree(out)
+    from monai_salm.io import sha256_file
+
+    record = json.loads((out / ".monai-salm-release.json").read_text())  # what made the release
+    assert record["checkpoint_sha256"] == sha256_file(ckpt) and record["seed"] == 0
+    assert record["checkpoint"] == str(ckpt) and len(record["release_identity"]) == 64
     # a resume with another seed (another release identity) would mix two releases in one folder
     assert main([*protect, "--resume", "--seed", "5"]) == 2
     _one_error_line(capsys, str(out), "another checkpoint or seed")

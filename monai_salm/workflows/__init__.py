@@ -54,6 +54,7 @@ from monai_salm.workflows.protect import (
     protect_evaluator,
     protect_files,
     release_identity,
+    release_record,
 )
 from monai_salm.workflows.saver import ProtectedCopySaver
 from monai_salm.workflows.split import SALMData, has_validation, load_train_val, split_validation
@@ -87,6 +88,7 @@ __all__ = [
     "protect_dataset",
     "protect_npz",
     "release_identity",
+    "release_record",
     "log_checkpoint",
     "log_manifest",
     "run_evaluation",

@@ -19,13 +19,13 @@ from monai_salm.api import protect_tensor
 from monai_salm.engines import SALMSettings, load_protection
 from monai_salm.engines.distributed import world_size
 from monai_salm.io import IntensityScaling, read_manifest
-from monai_salm.io.utils import full_suffix
+from monai_salm.io.utils import full_suffix, sha256_file
 from monai_salm.workflows.dataset import ProtectionDataset
 from monai_salm.workflows.intensity import scaling_from_settings
 from monai_salm.workflows.npz_release import protect_npz
 from monai_salm.workflows.saver import ProtectedCopySaver
 
-__all__ = ["Protection", "load_checkpoint", "release_identity", "ProtectInferer", "protect_evaluator", "protect_files",
+__all__ = ["Protection", "load_checkpoint", "release_identity", "release_record", "ProtectInferer", "protect_evaluator", "protect_files",
            "protect_dataset"]
 
 
@@ -51,23 +51,31 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return Protection(settings, generator, surrogate, class_scores, scaling_from_settings(settings))
 
 
-def release_identity(checkpoint: str | os.PathLike, seed: int = 0) -> str:
-    """What makes a release: the sha256 of the checkpoint file and the seed, hashed into one hex string.
+def release_record(checkpoint: str | os.PathLike, seed: int = 0) -> dict:
+    """What makes a release: the checkpoint (its sha256, which covers every setting) and the seed, and the release
+    identity hashed from the two.
 
-    New DICOM UIDs are derived from it (:class:`~monai_salm.io.ProtectedCopyWriter` ``uid_salt``), so the same
-    inputs, checkpoint and seed give byte-identical files, and another checkpoint or seed gives other UIDs.
+    New DICOM UIDs are derived from the identity (:class:`~monai_salm.io.ProtectedCopyWriter` ``uid_salt``), so the
+    same inputs, checkpoint and seed give byte-identical files, and another checkpoint or seed gives other UIDs. The
+    release folder keeps this record (``.monai-salm-release.json``).
+
+    Returns:
+        ``{"release_identity", "checkpoint_sha256", "seed"}``.
 
     Raises:
         ValueError: when the checkpoint cannot be read.
     """
-    digest = hashlib.sha256()
     try:
-        with open(checkpoint, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        digest = sha256_file(checkpoint)
     except OSError as e:
         raise ValueError(f"{checkpoint}: cannot read the checkpoint ({e.strerror or e}).") from None
-    return hashlib.sha256(f"monai-salm release|{digest.hexdigest()}|{int(seed)}".encode()).hexdigest()
+    identity = hashlib.sha256(f"monai-salm release|{digest}|{int(seed)}".encode()).hexdigest()
+    return {"release_identity": identity, "checkpoint_sha256": digest, "seed": int(seed)}
+
+
+def release_identity(checkpoint: str | os.PathLike, seed: int = 0) -> str:
+    """The identity of the release a checkpoint and seed make (:func:`release_record`)."""
+    return release_record(checkpoint, seed)["release_identity"]
 
 
 class ProtectInferer(Inferer):
@@ -107,17 +115,19 @@ def protect_evaluator(
     resume: bool = False,
     amp: bool | None = None,
     uid_salt: str | None = None,
+    release_info: dict | None = None,
 ) -> tuple[SupervisedEvaluator, ProtectedCopySaver]:
     """The evaluator of ``bundles/salm_protect/configs/inference.json``, built in Python.
 
-    ``overwrite``, ``resume`` and ``uid_salt`` are those of :class:`ProtectedCopySaver`; ``amp`` that of
+    ``overwrite``, ``resume``, ``uid_salt`` and ``release_info`` are those of :class:`ProtectedCopySaver`; ``amp`` that of
     :class:`ProtectInferer`. Under ``torch.distributed`` each process protects every N-th image (a
     ``DistributedSampler`` without padding) and the saver merges the manifests.
 
     Returns:
         ``(evaluator, saver)``; ``evaluator.run()`` writes the copy, then ``saver.manifest_path`` is the manifest.
     """
-    saver = ProtectedCopySaver(dataset, output_dir, overwrite=overwrite, resume=resume, uid_salt=uid_salt)
+    saver = ProtectedCopySaver(dataset, output_dir, overwrite=overwrite, resume=resume, uid_salt=uid_salt,
+                               release_info=release_info)
     cuda = torch.device(device).type == "cuda"
     sampler = DistributedSampler(dataset, even_divisible=False, shuffle=False) if world_size() > 1 else None
     evaluator = SupervisedEvaluator(
@@ -174,8 +184,10 @@ def protect_files(
     """
     protection = load_checkpoint(checkpoint, device)
     dataset = ProtectionDataset(source, protection.scaling, protection.settings)
+    record = release_record(checkpoint, seed)
     evaluator, saver = protect_evaluator(protection, dataset, output_dir, overwrite, device, seed=seed, resume=resume,
-                                         amp=amp, uid_salt=release_identity(checkpoint, seed))
+                                         amp=amp, uid_salt=record["release_identity"],
+                                         release_info={**record, "checkpoint": str(checkpoint)})
     evaluator.run()
     return saver.manifest_path
 

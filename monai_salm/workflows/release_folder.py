@@ -58,13 +58,14 @@ def release_lock(folder: Path) -> None:
     (folder / LOCK_NAME).unlink(missing_ok=True)
 
 
-def claim_release(folder: Path, identity: str, resume: bool) -> bool:
+def claim_release(folder: Path, identity: str, resume: bool, info: dict | None = None) -> bool:
     """Record ``identity`` as the release written into ``folder``, refusing to resume another release.
 
     Args:
         folder: the output folder (locked by this run).
         identity: the release identity (:func:`~monai_salm.workflows.release_identity`).
         resume: the run completes an earlier one, which must have been the same release.
+        info: more to record beside the identity (checkpoint path and sha256, seed).
 
     Returns:
         whether this call wrote the record (so a failed run removes it again).
@@ -82,5 +83,5 @@ def claim_release(folder: Path, identity: str, resume: bool) -> bool:
                          "ones, or write this release into another folder.")
     if earlier == identity:
         return False
-    record.write_text(json.dumps({"release_identity": identity}) + "\n")
+    record.write_text(json.dumps({**(info or {}), "release_identity": identity}, indent=1) + "\n")
     return True

@@ -69,11 +69,12 @@ class ProtectedCopySaver:
         resume: allow a non-empty ``output_dir`` and keep the copies already there.
         uid_salt: the release identity new DICOM UIDs are derived from (:class:`~monai_salm.io.ProtectedCopyWriter`;
             see :func:`~monai_salm.workflows.release_identity`); random when None.
+        release_info: more about what made the release, kept in its record (checkpoint path and sha256, seed).
     """
 
     def __init__(self, dataset: ProtectionDataset, output_dir: str | os.PathLike, overwrite: bool = False,
                  manifest_name: str = "manifest.csv", description: str = DEFAULT_DESCRIPTION,
-                 resume: bool = False, uid_salt: str | None = None) -> None:
+                 resume: bool = False, uid_salt: str | None = None, release_info: dict | None = None) -> None:
         self.dataset = dataset
         self.output_dir = Path(output_dir)
         self.overwrite = as_bool(overwrite, "overwrite")
@@ -81,6 +82,7 @@ class ProtectedCopySaver:
         self.manifest_name = manifest_name
         self.description = description
         self.uid_salt = uid_salt
+        self.release_info = dict(release_info or {})
         self.writer: ProtectedCopyWriter | None = None
         self.manifest_path: Path | None = None
         self._created: list[Path] = []
@@ -107,7 +109,7 @@ class ProtectedCopySaver:
                 acquire_lock(self.output_dir)
                 self._locked = True
                 if self.uid_salt:
-                    self._recorded = claim_release(self.output_dir, self.uid_salt, self.resume)
+                    self._recorded = claim_release(self.output_dir, self.uid_salt, self.resume, self.release_info)
             except ValueError as e:
                 problem = str(e)
         problem = next((p for p in gather(problem) if p is not None), None)  # all processes learn of it
