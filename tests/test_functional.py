@@ -42,3 +42,17 @@ def test_perturb_bounded_and_mask_restricted():
     assert (diff * (1 - mask)).max() == 0
     assert out.min() >= 0 and out.max() <= 1
     assert (diff > 0).any()
+
+
+def test_recalibrate_batchnorm_skips_a_lone_last_image():
+    from monai_salm.transforms.functional import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    x = torch.randn(5, 1, 6, 6) * 3 + 2
+    recalibrate_batchnorm(net, [x[:4], x[4:]])  # a batch of one cannot give batch statistics
+    ref = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    ref.load_state_dict(net.state_dict())
+    recalibrate_batchnorm(ref, [x[:4]])
+    torch.testing.assert_close(net[1].running_mean, ref[1].running_mean)
+    assert not net.training or net.training == ref.training

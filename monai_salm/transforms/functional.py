@@ -117,8 +117,8 @@ class preserve_model_state:
 def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Re-estimate a model's batch-norm running statistics on ``batches`` (cumulative average).
 
-    Running statistics are reset and recomputed in train mode over every batch, then momenta and the model's
-    train/eval flags are restored.
+    Running statistics are reset and recomputed in train mode over every batch of two or more images, then momenta
+    and the model's train/eval flags are restored.
 
     Args:
         model: the network.
@@ -134,7 +134,8 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor
     with preserve_model_state(model):
         model.train()
         for x in batches:
-            model(x)
+            if x.shape[0] > 1:  # a lone last image has no batch statistics (batch norm refuses it)
+                model(x)
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
 
