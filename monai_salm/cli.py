@@ -101,22 +101,10 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _check_checkpoint_output(out: str, data: str) -> None:
-    """Refuse, before any training, an output that is the input, a folder, or in a folder that cannot be written."""
-    out_path = Path(out)
-    if out_path.is_symlink() and not out_path.exists():
-        raise CLIError(f"{out}: is a broken symbolic link; give --out a file path.")
-    if out_path.resolve() == Path(data).resolve():
-        raise CLIError(f"{out}: --out is the training data; refusing to overwrite it.")
-    if out_path.is_dir():
-        raise CLIError(f"{out}: is a folder; --out is the checkpoint file to write.")
-    parent = next((p for p in out_path.resolve().parents if p.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK):
-        raise CLIError(f"{out}: cannot write there ({parent} is not writable).")
-
-
 def _train(args: argparse.Namespace) -> dict:
-    _check_checkpoint_output(args.out, args.data)
+    from monai_salm.workflows import check_checkpoint_output
+
+    check_checkpoint_output(args.out, args.data)
     with distributed_context(args.device) as device:
         return _train_here(args, device)
 

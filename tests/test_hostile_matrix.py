@@ -313,3 +313,26 @@ def test_label_case(name, assets, tmp_path):
     for word in words:
         assert word.lower() in message.lower(), (name, message)
     assert snapshot(w) == before, name
+
+
+def test_bundle_training_refuses_an_unusable_checkpoint_path_before_training(tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "salm_protect" / "configs"
+    w = tmp_path / "w"
+    data = pngs(w / "p")
+    (w / "bundle" / "models" / "model.pt").mkdir(parents=True)  # the checkpoint path is a folder
+    before = snapshot(w)
+    workflow = ConfigWorkflow(config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
+                              workflow_type="train", logging_file=False, bundle_root=str(w / "bundle"),
+                              dataset_dir=str(data), max_epochs=1, batch_size=4)
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+        workflow.run()
+    causes, error = [], info.value
+    while error is not None:
+        causes.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("model.pt: is a folder" in c for c in causes), causes
+    after = {k: v for k, v in snapshot(w).items() if not k.startswith("bundle/logs")}  # TensorBoard's, at build
+    assert after == before  # no training state or checkpoint: it stopped before training

@@ -59,7 +59,13 @@ from monai_salm.workflows.protect import (
 from monai_salm.workflows.saver import ProtectedCopySaver
 from monai_salm.workflows.split import SALMData, has_validation, load_train_val, split_validation
 from monai_salm.workflows.summary import log_checkpoint, log_manifest
-from monai_salm.workflows.training import ProtectedValidationInferer, SaveProtection, make_settings, resolve_epsilon
+from monai_salm.workflows.training import (
+    ProtectedValidationInferer,
+    SaveProtection,
+    check_checkpoint_output,
+    make_settings,
+    resolve_epsilon,
+)
 from monai_salm.workflows.verify import Check, verify_release
 
 __all__ = [
@@ -79,6 +85,7 @@ __all__ = [
     "resolve_epsilon",
     "ProtectedValidationInferer",
     "SaveProtection",
+    "check_checkpoint_output",
     "load_checkpoint",
     "ProtectionDataset",
     "ProtectInferer",

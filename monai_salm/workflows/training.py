@@ -23,7 +23,30 @@ from monai_salm.transforms.functional import epsilon_for_psnr
 from monai_salm.workflows.arrays import TrainingArrays
 from monai_salm.workflows.split import SALMData
 
-__all__ = ["make_settings", "resolve_epsilon", "ProtectedValidationInferer", "SaveProtection"]
+__all__ = ["make_settings", "resolve_epsilon", "ProtectedValidationInferer", "SaveProtection", "check_checkpoint_output"]
+
+
+def check_checkpoint_output(out: str | os.PathLike, data: str | os.PathLike | None = None) -> Path:
+    """Refuse, before any training, a checkpoint path that is the training data, a folder, a broken symbolic link, or
+    in a folder that cannot be written.
+
+    Returns:
+        the path.
+
+    Raises:
+        ValueError: naming the path and the problem.
+    """
+    out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"{out}: is a broken symbolic link; give a checkpoint file path.")
+    if data is not None and out.resolve() == Path(data).resolve():
+        raise ValueError(f"{out}: is the training data; refusing to overwrite it.")
+    if out.is_dir():
+        raise ValueError(f"{out}: is a folder; the checkpoint is a file.")
+    parent = next((p for p in out.resolve().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"{out}: cannot write there ({parent} is not a writable folder).")
+    return out
 
 
 def _generator_kwargs(generator: NoiseGenerator) -> dict[str, Any]:
@@ -169,10 +192,14 @@ class SaveProtection:
         path: the checkpoint file (the bundle's ``models/model.pt``).
         settings: from :func:`make_settings`.
         extra: more values to store under ``"extra"`` (the data source, ...).
+
+    Raises:
+        ValueError: when ``path`` cannot be written (:func:`check_checkpoint_output`), at construction, so before
+            the training that would be lost.
     """
 
     def __init__(self, path: str | os.PathLike, settings: SALMSettings, extra: dict | None = None) -> None:
-        self.path = Path(path)
+        self.path = check_checkpoint_output(path)  # before training, not after it
         self.settings = settings
         self.extra = dict(extra or {})
         self._start = None
