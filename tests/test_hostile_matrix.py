@@ -230,6 +230,18 @@ def test_cli_case(name, assets, tmp_path, capsys):
     assert snapshot(w) == before, name  # inputs untouched, nothing written, nothing hidden left
 
 
+def failure_causes(workflow) -> list[str]:
+    """Run a bundle workflow that must fail; the messages of the error and of everything that caused it."""
+    with pytest.raises(Exception) as info:
+        workflow.initialize()
+        workflow.run()
+    causes, error = [], info.value
+    while error is not None:
+        causes.append(str(error))
+        error = error.__cause__ or error.__context__
+    return causes
+
+
 # The bundle's inference config, in process: name -> (build(w) -> (dataset_dir, overrides), words of the cause).
 BUNDLE_CASES: dict[str, tuple[Callable[[Path], tuple[Path, dict]], tuple[str, ...]]] = {
     "bundle: corrupt png": (lambda w: ((pngs(w / "p") / "c1" / "img2.png").write_bytes(b"not a png") and w / "p", {}),
@@ -259,13 +271,7 @@ def test_bundle_case(name, assets, tmp_path):
     before = snapshot(w)
     workflow = ConfigWorkflow(config_file=str(configs / "inference.json"), meta_file=str(configs / "metadata.json"),
                               workflow_type="infer", logging_file=False, **override)
-    with pytest.raises(Exception) as info:
-        workflow.initialize()
-        workflow.run()
-    causes, error = [], info.value
-    while error is not None:
-        causes.append(str(error))
-        error = error.__cause__ or error.__context__
+    causes = failure_causes(workflow)
     for word in words:
         assert any(word.lower() in c.lower() for c in causes), (name, causes)
     assert snapshot(w) == before, name
@@ -326,13 +332,7 @@ def test_bundle_training_refuses_an_unusable_checkpoint_path_before_training(tmp
     workflow = ConfigWorkflow(config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"),
                               workflow_type="train", logging_file=False, bundle_root=str(w / "bundle"),
                               dataset_dir=str(data), max_epochs=1, batch_size=4)
-    with pytest.raises(Exception) as info:
-        workflow.initialize()
-        workflow.run()
-    causes, error = [], info.value
-    while error is not None:
-        causes.append(str(error))
-        error = error.__cause__ or error.__context__
+    causes = failure_causes(workflow)
     assert any("model.pt: is a folder" in c for c in causes), causes
     after = {k: v for k, v in snapshot(w).items() if not k.startswith("bundle/logs")}  # TensorBoard's, at build
     assert after == before  # no training state or checkpoint: it stopped before training

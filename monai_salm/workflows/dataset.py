@@ -60,12 +60,7 @@ class ProtectionDataset(torch.utils.data.Dataset):
             raise ValueError("ProtectionDataset needs a fitted intensity scaling (the checkpoint's).")
         self.scaling = scaling
         self.settings = settings
-        records, seen = [], set()
-        for record in load_dataset(self.source, tuple(splits)):
-            key = Path(record.path).resolve()
-            if key not in seen:
-                seen.add(key)
-                records.append(record)
+        records = load_dataset(self.source, tuple(splits))  # a datalist listing an image twice is refused there
         if not records:
             raise ValueError(f"{self.source}: no images found (the lists {list(splits)} are empty).")
         self.records: list[ImageRecord] = records
