@@ -64,10 +64,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_checkpoint(path: Path, work: tuple[int, ...], mask_mode: str = "class", num_classes: int = 2) -> Path:
+def make_checkpoint(path: Path, work: tuple[int, ...], mask_mode: str = "class", num_classes: int = 2,
+                    pattern: str = "learned") -> Path:
     """A checkpoint with the default networks at the working grid ``work`` (untrained: cost does not depend on it)."""
     dims = len(work)
-    generator_kwargs = {"pattern_size": list(work), "pattern_cell": DEFAULTS["block"]}
+    generator_kwargs = {"pattern_size": list(work), "pattern_cell": DEFAULTS["block"], "pattern_kind": pattern}
     generator = NoiseGenerator(dims, 1, num_classes, **generator_kwargs)
     surrogate = build_classifier("resnet18", dims, 1, num_classes)
     settings = SALMSettings(spatial_dims=dims, in_channels=1, num_classes=num_classes, image_size=work,
@@ -92,6 +93,8 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
 
         loaded = {mode: load_protection(make_checkpoint(tmp / f"{mode}.pt", size, mode), device)
                   for mode in ("class", "sample")}
+        loaded["class_texture"] = load_protection(make_checkpoint(tmp / "texture.pt", size, "class", pattern="texture"),
+                                                  device)
         settings, generator, surrogate, _ = loaded["sample"]
 
         def floor():
@@ -109,14 +112,15 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
             row[f"release_{mode}_x_floor"] = seconds / batch / (row["floor_ms"] / 1000)
         images, labels = torch.rand(train_images, 1, *size), torch.randint(0, 2, (train_images,))
 
-        def one_epoch():
-            train_salm(images, labels, 2, epochs=1, warmup_epochs=0, batch_size=batch, epsilon=DEFAULTS["epsilon"],
-                       device=device)
-            sync()
+        for name, options in (("", {}), ("_texture", {"pattern": "texture"})):
+            def one_epoch():
+                train_salm(images, labels, 2, epochs=1, warmup_epochs=0, batch_size=batch,
+                           epsilon=DEFAULTS["epsilon"], device=device, **options)
+                sync()
 
-        seconds = median_seconds(one_epoch, repeats=3)
-        row["train_ms_per_image_epoch"] = 1000 * seconds / train_images
-        row["train_x_floor"] = seconds / train_images / (row["floor_ms"] / 1000)
+            seconds = median_seconds(one_epoch, repeats=3)
+            row[f"train{name}_ms_per_image_epoch"] = 1000 * seconds / train_images
+            row[f"train{name}_x_floor"] = seconds / train_images / (row["floor_ms"] / 1000)
         rows.append(row)
         print_row(row)
     return rows
@@ -319,15 +323,18 @@ def em_table(data: str, limit: int) -> list[dict]:
     images, labels = split_arrays(load_npz(data), "train")
     x, y = to_tensor(images[:limit]), torch.from_numpy(labels[:limit]).long()
     num_classes = int(labels.max()) + 1
-    start = time.perf_counter()
-    trainer, settings = train_salm(x, y, num_classes, epsilon=DEFAULTS["epsilon"])
-    protect_tensor(x, y, settings, trainer.generator, trainer.surrogate, trainer.class_scores)
-    salm = time.perf_counter() - start
+    salm = {}
+    for pattern in ("learned", "texture"):
+        start = time.perf_counter()
+        trainer, settings = train_salm(x, y, num_classes, epsilon=DEFAULTS["epsilon"], pattern=pattern)
+        protect_tensor(x, y, settings, trainer.generator, trainer.surrogate, trainer.class_scores)
+        salm[pattern] = time.perf_counter() - start
     start = time.perf_counter()
     _, info = error_minimizing_noise(x, y, num_classes, DEFAULTS["epsilon"])
     em = time.perf_counter() - start
-    row = {"data": Path(data).name, "images": len(y), "salm_s": salm, "em_s": em, "em_rounds": info.get("rounds"),
-           "em_over_salm": em / salm}
+    row = {"data": Path(data).name, "images": len(y), "salm_s": salm["learned"], "salm_texture_s": salm["texture"],
+           "em_s": em, "em_rounds": info.get("rounds"), "em_over_salm": em / salm["learned"],
+           "em_over_salm_texture": em / salm["texture"]}
     print_row(row)
     return [row]
 

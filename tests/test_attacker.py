@@ -13,7 +13,7 @@ from monai_salm.cli import main
 from monai_salm.data import structural_similarity
 from monai_salm.engines import load_protection, protection_transforms
 from monai_salm.evaluation import RECIPES, classification_metrics, train_victim
-from monai_salm.evaluation.victim import predict_probabilities, recipe_epochs, select_epoch
+from monai_salm.evaluation.victim import predict_probabilities, recipe_epochs, relabel_map, select_epoch
 from monai_salm.networks import NoiseGenerator
 from monai_salm.transforms.functional import block_average, epsilon_for_psnr, topk_mask
 
@@ -48,10 +48,11 @@ def test_competent_victim_selects_on_validation(tiny_classifier):
     bad_val = (vx, 1 - vy)  # a validation set with flipped labels prefers the worst epoch
     report = train_victim(x, y, x[:16], y[:16], 2, val_sets={"good": (vx, vy), "flipped": bad_val}, epochs=4,
                           network=tiny_classifier(2, 1, 2), batch_size=16, lr=1e-2, keep_model=True)
-    assert set(report["selected"]) == {"good", "flipped"}
+    assert set(report["selected"]) == {"good", "flipped", "good_relabeled", "flipped_relabeled"}
     for name, sel in report["selected"].items():
         expected = select_epoch(report["history"], name)
-        assert sel["epoch"] == expected["epoch"] and sel["auc"] == expected["auc"]
+        test = expected["relabeled"].get(name, expected)  # a relabelling attacker reads relabelled test outputs
+        assert sel["epoch"] == expected["epoch"] and sel["auc"] == test["auc"]
     worst = max(report["selected"], key=lambda n: report["selected"][n]["auc"])  # binary: AUC decides
     assert report["selected_by"] == worst
     assert report["selected_auc"] == report["selected"][worst]["auc"]
@@ -60,6 +61,32 @@ def test_competent_victim_selects_on_validation(tiny_classifier):
     # the kept model is the selected epoch's
     kept = classification_metrics(predict_probabilities(report["model"], x[:16], "cpu"), y[:16])
     assert kept["auc"] == pytest.approx(report["selected_auc"])
+
+
+def test_relabel_map_reads_a_consistently_wrong_model():
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    permuted = torch.nn.functional.one_hot((labels + 1) % 3, 3).float() * 0.9 + 0.1 / 3  # says c + 1 for class c
+    relabelled = permuted @ relabel_map(permuted, labels)
+    assert torch.equal(relabelled.argmax(1), labels)
+    assert classification_metrics(permuted, labels)["accuracy"] == 0.0
+    scores = torch.tensor([[0.2, 0.8], [0.7, 0.3], [0.1, 0.9], [0.6, 0.4]])  # ranks class 0 above class 1
+    binary = torch.tensor([0, 1, 0, 1])
+    assert torch.equal(relabel_map(scores, binary), torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    assert classification_metrics(scores @ relabel_map(scores, binary), binary)["auc"] == 1.0
+    assert torch.equal(relabel_map(scores, 1 - binary), torch.eye(2))  # a right ranking is kept
+
+
+def test_relabeling_attacker_recovers_an_inverted_rule(tiny_classifier):
+    x, y = _separable()
+    vx, vy = _separable(16, seed=1)
+    # a release that teaches the opposite rule: the victim's raw clean AUC is low, yet it has learned the task
+    report = train_victim(x, 1 - y, vx, vy, 2, val_sets={"clean_val": (vx, vy)}, epochs=3,
+                          network=tiny_classifier(2, 1, 2), batch_size=16, lr=1e-2)
+    raw, relabeled = report["selected"]["clean_val"], report["selected"]["clean_val_relabeled"]
+    assert raw["auc"] < 0.5 < relabeled["auc"]
+    assert report["selected_by"] == "clean_val_relabeled" and report["selected_auc"] == relabeled["auc"]
+    for epoch in report["history"]:
+        assert epoch["relabeled"]["clean_val_relabeled"]["auc"] == pytest.approx(max(epoch["auc"], 1 - epoch["auc"]))
 
 
 def test_victim_defaults_batch_by_dimension(tiny_classifier):

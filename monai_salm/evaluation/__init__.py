@@ -10,7 +10,7 @@ from monai_salm.evaluation.report import (
     summary_markdown,
     write_report,
 )
-from monai_salm.evaluation.victim import RECIPES, VICTIM_RECIPE, classification_metrics, train_victim
+from monai_salm.evaluation.victim import RECIPES, VICTIM_RECIPE, classification_metrics, relabel_map, train_victim
 
 __all__ = [
     "COUNTERMEASURES",
@@ -24,6 +24,7 @@ __all__ = [
     "plot_image_grid",
     "plot_learning_curves",
     "plot_sweep",
+    "relabel_map",
     "summary_markdown",
     "train_victim",
     "uniform_noise_in_mask",

@@ -26,7 +26,8 @@ from monai_salm.evaluation.countermeasures import (
 )
 from monai_salm.networks import build_classifier
 
-__all__ = ["RECIPES", "VICTIM_RECIPE", "classification_metrics", "recipe_epochs", "select_epoch", "train_victim"]
+__all__ = ["RECIPES", "VICTIM_RECIPE", "classification_metrics", "recipe_epochs", "relabel_map", "select_epoch",
+           "train_victim"]
 
 #: Named victim recipes. ``competent`` (the default) is the attacker of the evaluation protocol: the MedMNIST v2
 #: ResNet-18 training (Adam 1e-3, learning rate x0.1 at 50% and 75% of the budget, batch 128 in 2D and 32 in 3D,
@@ -158,6 +159,35 @@ def select_epoch(history: Sequence[dict], val_name: str, metric: str = "auc") ->
     return max(history, key=lambda h: (h["val"][val_name][metric], -h["epoch"]))
 
 
+#: Suffix of the validation settings in which the attacker also relabels its model's outputs (:func:`relabel_map`).
+RELABELED = "_relabeled"
+
+
+def relabel_map(val_probs: torch.Tensor, val_labels: torch.Tensor) -> torch.Tensor:
+    """The map an attacker holding labelled validation images fits from its model's outputs to the true classes.
+
+    A model trained on a release can learn a rule that is consistently wrong on clean images: a binary AUC far below
+    0.5, or one class read as another. That is as informative as a right rule to an attacker who checks the model
+    on labelled images and relabels its outputs. Binary: the scores are swapped when the validation AUC is below
+    0.5 (AUC reads the ranking only). Multi-class: the outputs go through the soft confusion matrix on validation,
+    ``P(true class | output)``, so each output is read as the classes it stands for.
+
+    Args:
+        val_probs: ``(N, num_classes)`` the model's probabilities on the validation images.
+        val_labels: ``(N,)`` their true classes.
+
+    Returns:
+        ``(num_classes, num_classes)`` matrix ``M``: relabelled probabilities are ``probs @ M``.
+    """
+    num_classes = val_probs.shape[1]
+    labels = val_labels.long().cpu().reshape(-1)
+    if num_classes == 2:
+        swap = len(labels.unique()) == 2 and float(compute_roc_auc(val_probs[:, 1].float().cpu(), labels)) < 0.5
+        return torch.eye(2).flip(0) if swap else torch.eye(2)
+    confusion = val_probs.float().cpu().T @ F.one_hot(labels, num_classes).float() + 1e-3
+    return confusion / confusion.sum(1, keepdim=True)
+
+
 def _scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int):
     if schedule == "multistep":
         milestones = [int(0.5 * total_steps), int(0.75 * total_steps)]
@@ -167,8 +197,14 @@ def _scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def _summary(record: dict) -> dict:
-    return {k: record[k] for k in ("epoch", "accuracy", "balanced_accuracy", "auc", "per_class_accuracy")}
+def _without_per_class(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "per_class_accuracy"}
+
+
+def _summary(record: dict, val_name: str) -> dict:
+    test = record.get("relabeled", {}).get(val_name, record)
+    return {"epoch": record["epoch"], **{k: test[k] for k in ("accuracy", "balanced_accuracy", "auc",
+                                                              "per_class_accuracy")}}
 
 
 def train_victim(
@@ -209,7 +245,9 @@ def train_victim(
         num_classes: number of classes.
         val_sets: named validation sets ``{name: (images, labels)}`` the attacker may early-stop on, e.g.
             ``{"protected_val": ..., "clean_val": ...}``; for each, the report gives the clean-test metrics at the
-            epoch of best validation AUC.
+            epoch of best validation AUC, and, under ``NAME_relabeled``, those of an attacker that also relabels the
+            model's outputs with the map it fits on that set (:func:`relabel_map`), at the epoch of best relabelled
+            validation AUC.
         recipe: a name in :data:`RECIPES`; the arguments below override its entries (None: the recipe's).
         epochs: training epochs (default: the recipe's, capped at its ``max_steps`` optimizer steps).
         network: classifier name from :func:`monai_salm.networks.build_classifier`.
@@ -225,16 +263,18 @@ def train_victim(
         device: torch device.
         progress: show a progress bar.
         keep_model: return the model the attacker keeps under ``"model"``: the weights of the headline
-            validation-selected epoch (the final epoch without validation sets).
+            validation-selected epoch (the final epoch without validation sets; for a relabelling setting, the
+            network alone, without the relabelling map).
 
     Returns:
         a report with the final-epoch ``accuracy``, ``balanced_accuracy``, ``auc``, ``per_class_accuracy``; the
         peak ``best_accuracy`` / ``best_auc`` / ``best_epoch`` (chosen on the test set: an upper bound no real
-        attacker reaches); ``selected`` (per validation set, the test metrics at the validation-selected epoch)
-        and the headline ``selected_accuracy`` / ``selected_balanced_accuracy`` / ``selected_auc`` /
+        attacker reaches); ``selected`` (per validation setting, with and without relabelling, the test metrics at
+        the validation-selected epoch) and the headline ``selected_accuracy`` / ``selected_balanced_accuracy`` / ``selected_auc`` /
         ``selected_epoch`` / ``selected_by``, from the validation set that gives the attacker the better test result
         (AUC on binary tasks, accuracy otherwise);
-        per-epoch ``history``; ``train_seconds``; the ``recipe``.
+        per-epoch ``history`` (with the relabelled test metrics under ``relabeled``); ``train_seconds``; the
+        ``recipe``.
 
     Raises:
         ValueError: for mismatched shapes, unknown recipes, optimizers, schedules, networks or countermeasures.
@@ -295,13 +335,15 @@ def train_victim(
             sched.step()
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-        metrics = classification_metrics(predict_probabilities(model, test_images, device), test_labels)
-        metrics.update(epoch=epoch, train_accuracy=correct / max(seen, 1))
-        metrics["val"] = {
-            name: {k: v for k, v in classification_metrics(predict_probabilities(model, images, device), labels).items()
-                   if k != "per_class_accuracy"}
-            for name, (images, labels) in vals.items()
-        }
+        test_probs = predict_probabilities(model, test_images, device)
+        metrics = classification_metrics(test_probs, test_labels)
+        metrics.update(epoch=epoch, train_accuracy=correct / max(seen, 1), val={}, relabeled={})
+        for name, (images, labels) in vals.items():
+            val_probs = predict_probabilities(model, images, device)
+            relabel = relabel_map(val_probs, labels)
+            metrics["val"][name] = _without_per_class(classification_metrics(val_probs, labels))
+            metrics["val"][name + RELABELED] = _without_per_class(classification_metrics(val_probs @ relabel, labels))
+            metrics["relabeled"][name + RELABELED] = classification_metrics(test_probs @ relabel, test_labels)
         history.append(metrics)
         for name, val in metrics["val"].items():  # the attacker's kept weights per validation set
             if keep_model and (name not in snapshots or val["auc"] > snapshots[name][0]):
@@ -316,7 +358,7 @@ def train_victim(
         "best_auc": max(h["auc"] for h in history),
         "best_epoch": max(history, key=lambda h: h["accuracy"])["epoch"],
     }
-    selected = {name: _summary(select_epoch(history, name)) for name in vals}
+    selected = {name: _summary(select_epoch(history, name), name) for name in history[-1]["val"]}
     if selected:
         headline = "auc" if num_classes == 2 else "accuracy"
         worst = max(selected, key=lambda name: selected[name][headline])
