@@ -54,6 +54,38 @@ def load_results(root: Path) -> dict[tuple, list[dict]]:
     return {key: list(seeds.values()) for key, seeds in rows.items()}
 
 
+def complete_relabeling(row: dict, binary: bool) -> dict:
+    """Add the relabelling attacker (``monai_salm.evaluation.relabel_map``) to a row from a report made before it.
+
+    Binary sets: swapping the two scores turns AUC into 1 - AUC and every prediction into the other class, so the
+    relabelling attacker's selection and test metrics follow exactly from the per-epoch history. Multi-class rows
+    without it are marked ``relabeling = "not measured"``. The headline becomes the worst case over all settings.
+    """
+    row = dict(row, selected=dict(row.get("selected") or {}), headline_without_relabeling=None)
+    if not row["selected"]:
+        return row
+    metric = "auc" if binary else "accuracy"
+    row["headline_without_relabeling"] = max(sel[metric] for name, sel in row["selected"].items()
+                                             if not name.endswith("_relabeled"))
+    history = row["history"]
+    if "relabeled" in history[0]:
+        row["relabeling"] = "measured"
+    elif binary:
+        row["relabeling"] = "from history"
+        for name in list(row["selected"]):
+            best = max(history, key=lambda h: (max(h["val"][name]["auc"], 1 - h["val"][name]["auc"]), -h["epoch"]))
+            swap = best["val"][name]["auc"] < 0.5
+            row["selected"][name + "_relabeled"] = {
+                "epoch": best["epoch"],
+                **{k: (1 - best[k] if swap else best[k]) for k in ("accuracy", "balanced_accuracy", "auc")}}
+    else:
+        row["relabeling"] = "not measured"
+    worst = max(row["selected"], key=lambda name: row["selected"][name][metric])
+    row.update(selected_by=worst, selected_epoch=row["selected"][worst]["epoch"],
+               **{f"selected_{k}": row["selected"][worst][k] for k in ("accuracy", "balanced_accuracy", "auc")})
+    return row
+
+
 @functools.cache
 def split_images(path: Path, split: str) -> np.ndarray:
     return split_arrays(load_npz(path), split)[0]
@@ -109,6 +141,7 @@ def main() -> None:
             n = int(f["train_labels"].max()) + 1
             info[ds] = {"classes": n, "binary": n == 2, "train_n": len(f["train_labels"]),
                         "chance": 0.5 if n == 2 else 1 / n}
+    index = {key: [complete_relabeling(r, info[key[0]]["binary"]) for r in runs] for key, runs in index.items()}
     out = []
 
     # ---- the attacker on clean data against the published figures
@@ -130,8 +163,11 @@ def main() -> None:
     # ---- methods
     out.append("\n### Methods, ResNet-18 attacker\n")
     out.append("Headline: clean-test AUC (binary sets) or accuracy (multi-class sets) at the attacker's "
-               "validation-selected epoch, the better of protected and clean validation; final and peak epoch "
-               "beside it. Targets: AUC <= 0.65 on binary sets, accuracy <= 2x chance on multi-class sets.\n")
+               "validation-selected epoch, the best for the attacker of: protected or clean validation, each with "
+               "and without relabelling the outputs on that validation set; the best without relabelling, the final "
+               "and the peak epoch beside it. Relabelling: measured by the victim, derived exactly from the "
+               "per-epoch history (binary sets, reports made before it), or not measured. Targets: AUC <= 0.65 on "
+               "binary sets, accuracy <= 2x chance on multi-class sets.\n")
     rows = []
     for ds in datasets:
         binary = info[ds]["binary"]
@@ -143,12 +179,16 @@ def main() -> None:
             sel = headline(runs, binary)
             target = 0.65 if binary else 2 * info[ds]["chance"]
             rows.append({"dataset": TITLES[ds], "method": NAMES[method], "headline": fmt(sel, len(runs)),
+                         "without relabeling": float(np.mean([r["headline_without_relabeling"] for r in runs])),
+                         "relabeling": runs[0]["relabeling"],
                          "final": headline(runs, binary, "final")[0], "peak": headline(runs, binary, "best")[0],
-                         "target met": "–" if method == "clean" else ("yes" if sel[0] <= target else "no"),
+                         "target met": "–" if method == "clean" else ("no" if sel[0] > target else "yes" if
+                                                                      runs[0]["relabeling"] != "not measured" else
+                                                                      "yes, relabeling not measured"),
                          "PSNR dB": p.get("psnr"), "SSIM": p.get("ssim"), "changed %": p.get("changed"),
                          "train+protect s": None if p.get("seconds") is None else round(p["seconds"])})
-    out.append(markdown_table(rows, ["dataset", "method", "headline", "final", "peak", "target met", "PSNR dB",
-                                     "SSIM", "changed %", "train+protect s"]))
+    out.append(markdown_table(rows, ["dataset", "method", "headline", "without relabeling", "relabeling", "final",
+                                     "peak", "target met", "PSNR dB", "SSIM", "changed %", "train+protect s"]))
 
     # ---- countermeasures
     cms = sorted({k[3] for k in index if k[3] != "none"})
