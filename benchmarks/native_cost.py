@@ -19,6 +19,7 @@ per image, at the same size and batch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -53,6 +54,21 @@ def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_median_seconds(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """Median seconds of each function, timed in rounds (each function once per round), so that a change in the
+    machine's load during the run affects all of them alike and their ratios stay comparable."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (``VmHWM``: unlike ``ru_maxrss``, not inherited from a forking parent)."""
     try:
@@ -79,7 +95,7 @@ def make_checkpoint(path: Path, work: tuple[int, ...], mask_mode: str = "class",
     return save_protection(path, settings, generator, surrogate, scores)
 
 
-def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train_images: int = 64,
+def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train_images: int = 32,
                 device: str = "cpu") -> list[dict]:
     """Release per mask mode and training per image-epoch, as ratios to the floor, at the working grid's size."""
     rows = []
@@ -105,25 +121,38 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
                 call_generator(generator, x, y)
             sync()
 
-        row = {"size": "x".join(map(str, size)), "batch": batch, "floor_ms": 1000 * median_seconds(floor) / batch}
+        fns = {"floor": floor}
         for mode, (s, g, sur, scores) in loaded.items():
-            seconds = median_seconds(lambda: protect_tensor(x, y, s, g, sur, scores, batch_size=batch, device=device))
-            row[f"release_{mode}_ms"] = 1000 * seconds / batch
-            row[f"release_{mode}_x_floor"] = seconds / batch / (row["floor_ms"] / 1000)
+            fns[f"release_{mode}"] = functools.partial(protect_tensor, x, y, s, g, sur, scores, batch_size=batch,
+                                                       device=device)
         images, labels = torch.rand(train_images, 1, *size), torch.randint(0, 2, (train_images,))
-
-        for name, options in (("", {}), ("_texture", {"pattern": "texture"})):
-            def one_epoch():
-                train_salm(images, labels, 2, epochs=1, warmup_epochs=0, batch_size=batch,
-                           epsilon=DEFAULTS["epsilon"], device=device, **options)
-                sync()
-
-            seconds = median_seconds(one_epoch, repeats=3)
-            row[f"train{name}_ms_per_image_epoch"] = 1000 * seconds / train_images
-            row[f"train{name}_x_floor"] = seconds / train_images / (row["floor_ms"] / 1000)
+        # one epoch's cost is the difference between a 2-epoch and a 1-epoch run: the setup, the first masks and the
+        # final mask refresh are paid once per run, not per epoch
+        for name, options in (("train", {}), ("train_texture", {"pattern": "texture"})):
+            for epochs in (1, 2):
+                fns[f"{name}{epochs}"] = functools.partial(
+                    train_salm, images, labels, 2, epochs=epochs, warmup_epochs=0, batch_size=batch,
+                    epsilon=DEFAULTS["epsilon"], device=device, **options)
+        seconds = interleaved_median_seconds({name: _synced(fn, sync) for name, fn in fns.items()}, repeats=3)
+        floor_s = seconds["floor"] / batch
+        row = {"size": "x".join(map(str, size)), "batch": batch, "floor_ms": 1000 * floor_s}
+        for mode in loaded:
+            row[f"release_{mode}_ms"] = 1000 * seconds[f"release_{mode}"] / batch
+            row[f"release_{mode}_x_floor"] = seconds[f"release_{mode}"] / batch / floor_s
+        for name in ("train", "train_texture"):
+            epoch_s = seconds[f"{name}2"] - seconds[f"{name}1"]
+            row[f"{name}_ms_per_image_epoch"] = 1000 * epoch_s / train_images
+            row[f"{name}_x_floor"] = epoch_s / train_images / floor_s
         rows.append(row)
         print_row(row)
     return rows
+
+
+def _synced(fn, sync):
+    def run():
+        fn()
+        sync()
+    return run
 
 
 def child(task: str, arg: str, device: str = "cpu") -> dict:

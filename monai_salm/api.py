@@ -276,6 +276,8 @@ def protect_tensor(
     rng = torch.Generator().manual_seed(seed)
     outs, masks = [], []
     index, count = shard
+    # top-k works per map, so each class's mask is computed once instead of once per image
+    class_masks = topk_mask(class_scores.to(device), settings.k) if settings.mask_mode == "class" else None
     for batch, start in enumerate(tqdm(range(0, images.shape[0], batch_size), disable=not progress, desc="protect")):
         stop = min(start + batch_size, images.shape[0])
         draws = torch.rand(stop - start, *work, generator=rng) if settings.mask_mode == "random" else None
@@ -285,7 +287,7 @@ def protect_tensor(
         y = labels[start:stop].to(device, non_blocking=True).long()
         xw = resize_images(x, work)
         if settings.mask_mode == "class":
-            mask = topk_mask(class_scores.to(device)[y], settings.k)
+            mask = class_masks[y]
         elif settings.mask_mode == "random":
             mask = topk_mask(draws.to(device), settings.k)
         else:
@@ -315,10 +317,10 @@ def _check_release(clean: torch.Tensor, protected: torch.Tensor, inside: torch.T
     flat_inside = inside.expand_as(clean).reshape(-1)
     for start in range(0, flat_clean.numel(), slab):
         c, p, m = (t[start : start + slab] for t in (flat_clean, flat_protected, flat_inside))
-        if not bool(torch.isfinite(p[m]).all()):
+        if bool((~torch.isfinite(p) & m).any()):
             raise ValueError("the generator produced NaN or infinite values: the checkpoint is broken; nothing "
                              "written.")
-        if bool((p[~m] != c[~m]).any()) or bool(((p[m] - c[m]).abs() > epsilon * 1.0001).any()):
+        if bool(((p != c) & ~m).any()) or bool((((p - c).abs() > epsilon * 1.0001) & m).any()):
             raise ValueError(f"the protected images break the release bounds (at most {epsilon:.6g} inside the "
                              "mask, no change outside); nothing written.")
 

@@ -182,11 +182,11 @@ class NoiseGenerator(torch.nn.Module):
             y = y.long().reshape(-1)
             if y.numel() != x.shape[0] or (y < 0).any() or (y >= self.num_classes).any():
                 raise ValueError(f"labels must be {x.shape[0]} class indices in [0, {self.num_classes}).")
+            if self.pattern_kind == "texture":
+                return self.class_code[y].to(x.dtype)
             onehot = F.one_hot(y, self.num_classes).to(x.dtype)
             onehot = onehot.reshape(*onehot.shape, *([1] * self.spatial_dims)).expand(-1, -1, *spatial)
             x = torch.cat([x, onehot], dim=1)
-        if self.pattern_kind == "texture":
-            return self.class_code[y].to(x.dtype)
         pad = []
         for size in reversed(spatial):
             pad += [0, (-size) % self.divisor]
