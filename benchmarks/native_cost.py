@@ -133,7 +133,7 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
                 fns[f"{name}{epochs}"] = functools.partial(
                     train_salm, images, labels, 2, epochs=epochs, warmup_epochs=0, batch_size=batch,
                     epsilon=DEFAULTS["epsilon"], device=device, **options)
-        seconds = interleaved_median_seconds({name: _synced(fn, sync) for name, fn in fns.items()}, repeats=3)
+        seconds = interleaved_median_seconds({name: _synced(fn, sync) for name, fn in fns.items()}, repeats=5)
         floor_s = seconds["floor"] / batch
         row = {"size": "x".join(map(str, size)), "batch": batch, "floor_ms": 1000 * floor_s}
         for mode in loaded:

@@ -61,6 +61,23 @@ def test_class_textures_are_distinct_local_and_flip_stable(num_classes, size):
         assert torch.equal(first.flip(0), first)
 
 
+def test_class_textures_are_exact_square_waves():
+    # period 2 and 6 put the cosine's zeros on pixel positions; their sign must not follow float rounding
+    from monai_salm.networks.generator import _TEXTURE_PERIODS, class_textures
+
+    size = (30, 30)
+    t = class_textures(21, 1, size)[:, 0]
+    for c in range(21):
+        period = _TEXTURE_PERIODS[c // 3]
+        for axis in (0, 1):  # the same after a shift by its period along every axis
+            assert torch.equal(t[c].narrow(axis, period, size[axis] - period), t[c].narrow(axis, 0, size[axis] - period))
+        if period % 2 == 0:  # half a period inverts it along the axis it varies on
+            axis = 1 if c % 3 == 1 else 0
+            half = period // 2
+            assert torch.equal(t[c].narrow(axis, half, size[axis] - half), -t[c].narrow(axis, 0, size[axis] - half))
+    assert torch.equal(t[3, :6, 0], torch.tensor([-1.0, 1.0, -1.0, 1.0, -1.0, 1.0]))  # period 2, rows
+
+
 def test_texture_generator_saturates_at_the_texture():
     from monai_salm.networks.generator import class_textures
 

@@ -41,6 +41,13 @@ def sign_code(num_classes: int, channels: int) -> torch.Tensor:
     return levels[:, None].repeat(1, channels)
 
 
+def _square_wave(positions: torch.Tensor, period: int) -> torch.Tensor:
+    """The sign of ``cos(2 pi (positions + 0.5) / period)`` as exact +-1, also where the cosine is zero (every
+    position for period 2), where the float sign would follow rounding noise."""
+    phase = torch.remainder((positions + 0.5) / period + 0.25, 1.0)
+    return torch.where(phase < 0.5, 1.0, -1.0).float()
+
+
 def class_textures(num_classes: int, channels: int, size: Sequence[int]) -> torch.Tensor:
     """One +-1 texture per class: square-wave stripes along one axis, or a checkerboard, of a given period.
 
@@ -59,11 +66,11 @@ def class_textures(num_classes: int, channels: int, size: Sequence[int]) -> torc
     """
     kinds = len(size) + 1
     periods = list(_TEXTURE_PERIODS) + [p for p in range(9, 9 + num_classes) if p not in _TEXTURE_PERIODS]
-    grids = torch.meshgrid(*[torch.arange(int(n), dtype=torch.float32) for n in size], indexing="ij")
+    grids = torch.meshgrid(*[torch.arange(int(n), dtype=torch.float64) for n in size], indexing="ij")
     codes = []
     for c in range(num_classes):
         period, kind = periods[c // kinds], c % kinds
-        waves = [torch.cos(2 * math.pi * (g + 0.5) / period).sign() for g in grids]
+        waves = [_square_wave(g, period) for g in grids]
         codes.append(math.prod(waves) if kind == len(size) else waves[kind])
     return torch.stack(codes)[:, None].expand(-1, channels, *[-1] * len(size)).contiguous()
 
