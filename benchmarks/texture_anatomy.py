@@ -80,7 +80,8 @@ def main() -> None:
     for auc, a, b in default:
         print(f"  the default pair, class 0 {name(a)} / class 1 {name(b)}: {auc:.3f}")
     print("  most balanced: " + ", ".join(f"{name(a)} vs {name(b)} {auc:.3f}" for auc, a, b in rows[: args.pairs]))
-    print("  least balanced: " + ", ".join(f"{name(a)} vs {name(b)} {auc:.3f}" for auc, a, b in rows[len(rows) - args.pairs:]))
+    least = rows[len(rows) - args.pairs:]
+    print("  least balanced: " + ", ".join(f"{name(a)} vs {name(b)} {auc:.3f}" for auc, a, b in least))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def test_class_textures_are_exact_square_waves():
     for c in range(21):
         period = _TEXTURE_PERIODS[c // 3]
         for axis in (0, 1):  # the same after a shift by its period along every axis
-            assert torch.equal(t[c].narrow(axis, period, size[axis] - period), t[c].narrow(axis, 0, size[axis] - period))
+            rest = size[axis] - period
+            assert torch.equal(t[c].narrow(axis, period, rest), t[c].narrow(axis, 0, rest))
         if period % 2 == 0:  # half a period inverts it along the axis it varies on
             axis = 1 if c % 3 == 1 else 0
             half = period // 2

@@ -270,9 +270,9 @@ def train_victim(
         a report with the final-epoch ``accuracy``, ``balanced_accuracy``, ``auc``, ``per_class_accuracy``; the
         peak ``best_accuracy`` / ``best_auc`` / ``best_epoch`` (chosen on the test set: an upper bound no real
         attacker reaches); ``selected`` (per validation setting, with and without relabelling, the test metrics at
-        the validation-selected epoch) and the headline ``selected_accuracy`` / ``selected_balanced_accuracy`` / ``selected_auc`` /
-        ``selected_epoch`` / ``selected_by``, from the validation set that gives the attacker the better test result
-        (AUC on binary tasks, accuracy otherwise);
+        the validation-selected epoch) and the headline ``selected_accuracy`` / ``selected_balanced_accuracy`` /
+        ``selected_auc`` / ``selected_epoch`` / ``selected_by``, from the setting that gives the attacker the best
+        test result (AUC on binary tasks, accuracy otherwise);
         per-epoch ``history`` (with the relabelled test metrics under ``relabeled``); ``train_seconds``; the
         ``recipe``.
 
