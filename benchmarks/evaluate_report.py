@@ -164,10 +164,11 @@ def main() -> None:
     out.append("\n### Methods, ResNet-18 attacker\n")
     out.append("Headline: clean-test AUC (binary sets) or accuracy (multi-class sets) at the attacker's "
                "validation-selected epoch, the best for the attacker of: protected or clean validation, each with "
-               "and without relabelling the outputs on that validation set; its balanced accuracy (chance: 1 / classes), "
-               "the best without relabelling, the final and the peak epoch beside it. Relabelling: measured by the victim, derived exactly from the "
-               "per-epoch history (binary sets, reports made before it), or not measured. Targets: AUC <= 0.65 on "
-               "binary sets, accuracy <= 2x chance on multi-class sets.\n")
+               "and without relabelling the outputs on that validation set; its balanced accuracy (chance: "
+               "1 / classes), the best without relabelling, the final and the peak epoch beside it. Relabelling: "
+               "measured by the victim, derived exactly from the per-epoch history (binary sets, reports made before "
+               "it), or not measured. Targets: AUC <= 0.65 on binary sets, accuracy <= 2x chance on multi-class "
+               "sets.\n")
     rows = []
     for ds in datasets:
         binary = info[ds]["binary"]

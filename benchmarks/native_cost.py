@@ -119,7 +119,6 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
             torch.autograd.grad(loss, xx)
             with torch.no_grad():
                 call_generator(generator, x, y)
-            sync()
 
         fns = {"floor": floor}
         for mode, (s, g, sur, scores) in loaded.items():

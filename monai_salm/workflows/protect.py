@@ -25,8 +25,8 @@ from monai_salm.workflows.intensity import scaling_from_settings
 from monai_salm.workflows.npz_release import protect_npz
 from monai_salm.workflows.saver import ProtectedCopySaver
 
-__all__ = ["Protection", "load_checkpoint", "release_identity", "release_record", "ProtectInferer", "protect_evaluator", "protect_files",
-           "protect_dataset"]
+__all__ = ["Protection", "load_checkpoint", "release_identity", "release_record", "ProtectInferer", "protect_evaluator",
+           "protect_files", "protect_dataset"]
 
 
 class Protection(NamedTuple):
@@ -119,8 +119,8 @@ def protect_evaluator(
 ) -> tuple[SupervisedEvaluator, ProtectedCopySaver]:
     """The evaluator of ``bundles/salm_protect/configs/inference.json``, built in Python.
 
-    ``overwrite``, ``resume``, ``uid_salt`` and ``release_info`` are those of :class:`ProtectedCopySaver`; ``amp`` that of
-    :class:`ProtectInferer`. Under ``torch.distributed`` each process protects every N-th image (a
+    ``overwrite``, ``resume``, ``uid_salt`` and ``release_info`` are those of :class:`ProtectedCopySaver`; ``amp``
+    that of :class:`ProtectInferer`. Under ``torch.distributed`` each process protects every N-th image (a
     ``DistributedSampler`` without padding) and the saver merges the manifests.
 
     Returns:

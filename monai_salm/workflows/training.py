@@ -23,7 +23,8 @@ from monai_salm.transforms.functional import epsilon_for_psnr
 from monai_salm.workflows.arrays import TrainingArrays
 from monai_salm.workflows.split import SALMData
 
-__all__ = ["make_settings", "resolve_epsilon", "ProtectedValidationInferer", "SaveProtection", "check_checkpoint_output"]
+__all__ = ["make_settings", "resolve_epsilon", "ProtectedValidationInferer", "SaveProtection",
+           "check_checkpoint_output"]
 
 
 def check_checkpoint_output(out: str | os.PathLike, data: str | os.PathLike | None = None) -> Path:
