@@ -323,6 +323,7 @@ def _baseline(args: argparse.Namespace) -> dict:
 
 def _demo(args: argparse.Namespace) -> dict:
     from monai_salm.data.demo import DEMO_CLASSES, build_demo_arrays
+    from monai_salm.workflows.demo import demo_effect
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -335,18 +336,25 @@ def _demo(args: argparse.Namespace) -> dict:
     train = _train(parser.parse_args(["train", "--data", str(data), "--out", str(out / "salm.pt"), "--epochs", str(args.epochs), *common]))
     protected = out / "demo_protected.npz"
     report = _protect(parser.parse_args(["protect", "--checkpoint", str(out / "salm.pt"), "--data", str(data), "--out", str(protected), "--overwrite", *common]))
+    effect = demo_effect(data, protected, out, seed=args.seed, device=args.device, progress=not args.quiet)
     summary = {
         "surrogate_protected_accuracy": train["protected_accuracy"],
         "psnr_db": report["train"]["psnr_db"],
         "changed_pixel_fraction": report["train"]["changed_pixel_fraction"],
-        "files": [str(data), str(out / "salm.pt"), str(protected)],
+        **effect,
+        "files": [str(data), str(out / "salm.pt"), str(protected), effect["picture"]],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
-        f"done: surrogate accuracy on protected images {summary['surrogate_protected_accuracy']:.3f}, "
-        f"PSNR {summary['psnr_db']:.2f} dB, changed pixels {summary['changed_pixel_fraction']:.3f}; "
-        f"wrote {', '.join(summary['files'])}, {out / 'summary.json'}"
+        f"protected copy: PSNR {summary['psnr_db']:.2f} dB, changed pixels {summary['changed_pixel_fraction']:.3f}; "
+        f"surrogate accuracy on protected images {summary['surrogate_protected_accuracy']:.3f}"
     )
+    print(
+        f"a small CNN trained on the clean copy scores {effect['clean_victim_accuracy']:.3f} on the clean test "
+        f"images, trained on the protected copy {effect['protected_victim_accuracy']:.3f} "
+        f"(chance {effect['chance_accuracy']:.3f})"
+    )
+    print(f"done: wrote {', '.join(summary['files'])}, {out / 'summary.json'}, victim reports in {out}/victim_*/")
     return summary
 
 
@@ -452,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "here is the same")
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("demo", help="offline end-to-end run on the embedded dataset: build, train, protect, summarise")
+    p = sub.add_parser("demo", help="offline end-to-end run on the embedded dataset: build, train, protect, then train a small "
+                       "victim on the clean and on the protected copy and compare them")
     p.add_argument("--out", default="salm_demo", help="output folder (default: salm_demo)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
@@ -471,8 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report folder: report.json, summary.md, learning_curves.png")
     p.add_argument("--recipe", default="competent", choices=tuple(RECIPES),
                    help="victim recipe: competent (default; MedMNIST v2 ResNet protocol with flips and shifts, "
-                        "budget capped at 4000 steps, epoch selected on validation AUC) or quick (20 epochs, cosine)")
-    p.add_argument("--victim", default=None, choices=CLASSIFIERS, help="victim network (default: resnet18)")
+                        "budget capped at 4000 steps, epoch selected on validation AUC), quick (20 epochs, cosine) or small "
+                        "(a small CNN, 15 epochs: seconds on small images)")
+    p.add_argument("--victim", default=None, choices=CLASSIFIERS, help="victim network (default: the recipe's)")
     p.add_argument("--victim-size", default=None,
                    help="the attacker's input size, e.g. 32 or 64,64,64: training, validation and test images are "
                         "resampled onto it first (default: the images' own size; needed when they differ)")

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from monai_salm.cli import main
 
@@ -146,9 +147,21 @@ def test_module_entry_point_exit_code(tmp_path):
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--epochs", "1"]) == 0  # with progress bars, as in the README
-    assert "done: surrogate accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["psnr_db"] >= 32.0 and 0 < summary["changed_pixel_fraction"] <= 0.1
+    # the small victim, trained on each copy and tested on the clean test split; both accuracies are printed
+    assert summary["chance_accuracy"] == pytest.approx(1 / 3) and summary["victim"] == "small"
+    for name in ("clean", "protected"):
+        accuracy = summary[f"{name}_victim_accuracy"]
+        report = json.loads((out / f"victim_{name}" / "report.json").read_text())
+        assert report["recipe"]["network"] == "cnn" and report["selected_accuracy"] == pytest.approx(accuracy)
+        assert report["train_data"] == str(out / ("demo.npz" if name == "clean" else "demo_protected.npz"))
+        assert f"{accuracy:.3f}" in printed
+    assert summary["clean_victim_accuracy"] >= 0.9  # the classes are easy to tell apart on clean images
+    picture = Image.open(out / "demo_protection.png")
+    assert picture.format == "PNG" and picture.size[1] > picture.size[0]  # one row per image: 6 rows, 4 panels
+    assert str(out / "demo_protection.png") in summary["files"]
     with np.load(out / "demo.npz") as clean, np.load(out / "demo_protected.npz") as prot:
         assert clean["train_images"].shape == (360, 28, 28) and set(np.unique(clean["train_labels"])) == {0, 1, 2}
         assert not np.array_equal(clean["test_images"], prot["test_images"])  # every split is released protected

@@ -34,6 +34,8 @@ __all__ = ["RECIPES", "VICTIM_RECIPE", "classification_metrics", "recipe_epochs"
 #: 100 epochs, model selected on validation AUC) with standard augmentation (random flips on every axis and random
 #: shifts of up to 2 pixels/voxels), its budget capped at ``max_steps`` optimizer steps on large sets. ``quick`` is
 #: a short recipe for fast checks (20 epochs, cosine, flips); it under-trains and so overstates protection.
+#: ``small`` trains the small ``cnn`` classifier (Adam 1e-3, batch 32, 15 epochs at a constant learning rate, flips
+#: and shifts of up to 2 pixels): a victim that fits in seconds on small images, used by ``monai-salm demo``.
 RECIPES: dict[str, dict] = {
     "competent": {
         "network": "resnet18",
@@ -58,6 +60,18 @@ RECIPES: dict[str, dict] = {
         "batch_size": 128,
         "flips": True,
         "shift": 0,
+    },
+    "small": {
+        "network": "cnn",
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "schedule": "constant",
+        "epochs": 15,
+        "max_steps": None,
+        "batch_size": 32,
+        "flips": True,
+        "shift": 2,
     },
 }
 #: The default recipe.

@@ -10,7 +10,9 @@ from monai.networks.layers import Conv
 
 __all__ = ["build_classifier", "CLASSIFIERS", "EFFICIENTNET_B0_BLOCKS"]
 
-CLASSIFIERS = ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet-b0", "vit")
+CLASSIFIERS = ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet-b0", "vit", "cnn")
+#: Channels of the three stride-2 convolutional blocks of the small ``cnn`` classifier.
+SMALL_CNN_CHANNELS = (16, 32, 64)
 
 #: EfficientNet-B0's stages (Tan & Le, 2019) in MONAI's block-string format; ``EfficientNetBN`` fixes the padding
 #: for 224-pixel inputs, so the network is built from these with the real image size instead.
@@ -65,14 +67,15 @@ def build_classifier(
     All are adapted to small (28-pixel MedMNIST) inputs the usual way: ResNets use a 3x3 first convolution
     (stride 1 in 2D, 2 in 3D, which keeps 3D training affordable on a CPU); DenseNet-121 a 3x3 stride-2 stem
     without pooling; EfficientNet-B0 the real image size for its "same" padding; the ViT is ViT-Tiny width with
-    6 blocks (:data:`VIT_ARGS`).
+    6 blocks (:data:`VIT_ARGS`). ``cnn`` is a small MONAI ``Classifier`` (three stride-2 residual blocks of
+    :data:`SMALL_CNN_CHANNELS`), a fast victim for demonstrations and quick checks.
 
     Args:
         name: one of :data:`CLASSIFIERS`, or an ``nn.Module`` returned unchanged.
         spatial_dims: 2 or 3.
         in_channels: input channels.
         num_classes: output logits.
-        image_size: spatial size of the inputs (needed by ``efficientnet-b0`` and ``vit``).
+        image_size: spatial size of the inputs (needed by ``efficientnet-b0``, ``vit`` and ``cnn``).
 
     Returns:
         the network, returning logits ``(B, num_classes)``.
@@ -101,4 +104,9 @@ def build_classifier(
         )
     if key == "vit":
         return _ViTClassifier(spatial_dims, in_channels, num_classes, size)
+    if key == "cnn":
+        return nets.Classifier(
+            in_shape=(in_channels, *size), classes=num_classes, channels=SMALL_CNN_CHANNELS,
+            strides=(2,) * len(SMALL_CNN_CHANNELS),
+        )
     raise ValueError(f"unknown classifier {name!r}; choose one of {', '.join(CLASSIFIERS)} or pass a module.")
