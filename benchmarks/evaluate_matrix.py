@@ -1,4 +1,4 @@
-"""Issue-4 evaluation matrix behind docs/results.md: protections, victims, countermeasures, paper experiments.
+"""Evaluation matrix behind docs/results.md: protections, victims, countermeasures, paper experiments.
 
 Every step is one ``monai-salm`` command (printed before it runs), single-threaded so two runners share 2 cores.
 Outputs go under RUN_DIR/<dataset>/; every victim result is appended to RUN_DIR/results.jsonl, and a step whose

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Real-data proof behind docs/results.md (issue 2). Usage:
+# Real-data proof behind docs/results.md. Usage:
 #   benchmarks/proof.sh blood  RUN_DIR     # BloodMNIST: SALM on 3,000 train images, protect all 11,959, victims
 #   benchmarks/proof.sh adrenal RUN_DIR    # AdrenalMNIST3D: SALM on all 1,188 train volumes, victims
 # Each stage is one monai-salm command, run single-threaded (--threads 1) so two chains can share 2 cores.

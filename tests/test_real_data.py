@@ -40,7 +40,7 @@ def test_train_protect_budget_on_real_data(tmp_path, name, k, eps):
 
 
 def test_evaluation_harness_on_breastmnist(tmp_path):
-    """The issue-4 path end to end on real data: SALM, a baseline, victims with and without a countermeasure."""
+    """The evaluation path end to end on real data: SALM, a baseline, victims with and without a countermeasure."""
     data = _require("breastmnist_28.npz")
     ckpt, prot, noise = tmp_path / "salm.pt", tmp_path / "salm.npz", tmp_path / "noise.npz"
     assert main(["train", "--data", str(data), "--out", str(ckpt), "--quiet"]) == 0
