@@ -8,6 +8,7 @@ process per case, so each peak is its own). Ratios, not absolute times, are what
     python benchmarks/native_cost.py files            # 512x512x300 CT (NIfTI, DICOM series), 2048^2 radiograph
     python benchmarks/native_cost.py train_sizes      # training time/memory at a fixed working grid vs native size
     python benchmarks/native_cost.py decode           # decoding a NIfTI folder once vs once per epoch
+    python benchmarks/native_cost.py reorder          # NIfTI volume to C order: tiled copy vs np.ascontiguousarray
     python benchmarks/native_cost.py em --data ../shared/data/breastmnist_28.npz   # EM's time vs SALM's
     python benchmarks/native_cost.py all --json docs/figures/native_cost.json      # everything; plots with --plot
     python benchmarks/native_cost.py floor sizes --device cuda                      # the CUDA path (AMP on)
@@ -279,6 +280,21 @@ def _file_case(kind: str) -> dict:
     return {"case": kind, "protect_s": seconds, "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": base}
 
 
+def reorder_table(shape=(512, 512, 300)) -> list[dict]:
+    """The NIfTI reader's Fortran-to-C float32 copy of a CT volume: tiled (the reader's) against numpy's."""
+    from monai_salm.io.utils import c_order_copy
+
+    volume = np.asfortranarray(np.random.default_rng(0).integers(-1000, 1000, shape, dtype=np.int16))
+    times = interleaved_median_seconds({
+        "np.ascontiguousarray": lambda: np.ascontiguousarray(volume, dtype=np.float32),
+        "c_order_copy": lambda: c_order_copy(volume, np.float32),
+    })
+    row = {"shape": "x".join(map(str, shape)), **{f"{k}_s": v for k, v in times.items()},
+           "speedup": times["np.ascontiguousarray"] / times["c_order_copy"]}
+    print_row(row)
+    return [row]
+
+
 def files_table() -> list[dict]:
     rows = []
     for kind in ("radiograph", "nifti", "dicom"):
@@ -406,7 +422,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tables", nargs="+",
-                        choices=("floor", "sizes", "files", "train_sizes", "decode", "em", "all"))
+                        choices=("floor", "sizes", "files", "reorder", "train_sizes", "decode", "em", "all"))
     parser.add_argument("--device", default="cpu", help="torch device of the floor and sizes tables")
     parser.add_argument("--data", default="../shared/data/breastmnist_28.npz", help="em: MedMNIST .npz")
     parser.add_argument("--limit", type=int, default=256, help="em: training images used")
@@ -415,7 +431,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     tables = {"floor": lambda: floor_table(device=args.device), "sizes": lambda: sizes_table(args.device),
-              "files": files_table, "train_sizes": train_sizes_table, "decode": decode_table,
+              "files": files_table, "reorder": reorder_table, "train_sizes": train_sizes_table, "decode": decode_table,
               "em": lambda: em_table(args.data, args.limit)}
     results = {}
     for name, fn in tables.items():

@@ -463,3 +463,30 @@ def test_folder_errors(tmp_path):
         write_image(meta, image[:, :2], tmp_path / "o.nii")
     with pytest.raises(ValueError, match="NaN"):
         write_image(meta, image * np.nan, tmp_path / "o.nii")
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.asfortranarray(np.arange(150 * 70 * 3, dtype=np.int16).reshape(150, 70, 3)),  # tiles cut at the edges
+        np.asfortranarray(np.arange(130 * 65 * 4 * 2, dtype=np.uint16).reshape(130, 65, 4, 2)),  # channels last
+        np.arange(70 * 66, dtype=np.float64).reshape(70, 66)[:, ::-1],  # neither C nor Fortran order
+        np.arange(12, dtype=np.int16).reshape(3, 4),  # already C-ordered
+        np.arange(5, dtype=np.int16),
+    ],
+)
+def test_c_order_copy_equals_a_plain_conversion(array):
+    from monai_salm.io.utils import c_order_copy
+
+    out = c_order_copy(array, np.float32)
+    assert out.flags.c_contiguous and out.dtype == np.float32 and not np.shares_memory(out, array)
+    np.testing.assert_array_equal(out, array.astype(np.float32))
+
+
+def test_nifti_reader_gives_c_ordered_float32_of_the_stored_voxels(tmp_path):
+    vol = np.asfortranarray(np.random.default_rng(0).integers(-1000, 1000, (131, 70, 9), dtype=np.int16))
+    nib.save(nib.Nifti1Image(vol, np.diag([0.7, 0.7, 1.25, 1.0])), tmp_path / "ct.nii.gz")
+    array, meta = read_image(tmp_path / "ct.nii.gz")
+    assert array.flags.c_contiguous and array.dtype == np.float32 and array.shape == (1, 131, 70, 9)
+    np.testing.assert_array_equal(array[0], vol)
+    assert meta.dtype == np.int16

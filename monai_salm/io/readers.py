@@ -26,7 +26,7 @@ from monai.data import load_decathlon_datalist
 from monai.utils import optional_import
 
 from monai_salm.data.medmnist import is_rgb, load_npz
-from monai_salm.io.utils import elementwise, full_suffix
+from monai_salm.io.utils import c_order_copy, elementwise, full_suffix
 
 PILImage, has_pil = optional_import("PIL.Image")
 itk, has_itk = optional_import("itk")
@@ -420,7 +420,7 @@ def _read_nifti(path: Path, record: ImageRecord | None) -> tuple[np.ndarray, Ima
     if img.ndim not in (2, 3, 4):
         raise ValueError(f"{path}: NIfTI images must be 2D, 3D or 4D (channels last), got shape {img.shape}.")
     # one copy: stored type (Fortran order on disk) -> C-ordered float32
-    data = np.ascontiguousarray(np.asanyarray(img.dataobj), dtype=np.float32)
+    data = c_order_copy(np.asanyarray(img.dataobj), np.float32)
     array = np.moveaxis(data, -1, 0) if img.ndim == 4 else data[None]
     meta = ImageMeta("nifti", path, img.get_data_dtype(), array.shape, affine=img.affine.copy(),
                      header=img.header.copy(), channel_last=img.ndim == 4,

@@ -12,10 +12,12 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["full_suffix", "atomic_path", "sha256_file", "is_within", "elementwise"]
+__all__ = ["full_suffix", "atomic_path", "sha256_file", "is_within", "elementwise", "c_order_copy"]
 
 #: elements per slab in :func:`elementwise` (32 MB of float64)
 SLAB = 1 << 22
+#: side of the tiles in which :func:`c_order_copy` reorders an array
+TILE = 64
 
 _DOUBLE_SUFFIXES = (".nii.gz",)
 
@@ -91,3 +93,24 @@ def elementwise(fn: Callable[..., np.ndarray], dtype: np.dtype, *arrays: np.ndar
         part = slice(start, start + SLAB)
         out[part] = fn(*(a[part] for a in flat))
     return out.reshape(shape)
+
+
+def c_order_copy(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A C-ordered copy of ``array`` converted to ``dtype``.
+
+    A Fortran-ordered scan (NIfTI stores the first axis fastest) is copied in tiles of :data:`TILE` x :data:`TILE`
+    over its first two axes, which keeps reads and writes in the caches: on a 512x512x300 int16 volume this is about
+    3x faster than ``np.ascontiguousarray(array, dtype=dtype)``, which walks the output in order and the input
+    with a stride of the whole volume (``benchmarks/native_cost.py reorder``).
+
+    Returns:
+        a new C-contiguous array, equal to ``array.astype(dtype)``.
+    """
+    out = np.empty(array.shape, dtype=dtype)
+    if array.ndim < 2 or array.flags.c_contiguous:
+        out[...] = array
+        return out
+    for i in range(0, array.shape[0], TILE):
+        for j in range(0, array.shape[1], TILE):
+            out[i : i + TILE, j : j + TILE] = array[i : i + TILE, j : j + TILE]
+    return out
