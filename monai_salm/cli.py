@@ -460,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "here is the same")
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("demo", help="offline end-to-end run on the embedded dataset: build, train, protect, then train a small "
-                       "victim on the clean and on the protected copy and compare them")
+    p = sub.add_parser("demo", help="offline end-to-end run on the embedded dataset: build, train, protect, then "
+                       "train a small victim on the clean and on the protected copy and compare them")
     p.add_argument("--out", default="salm_demo", help="output folder (default: salm_demo)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty output folder")
@@ -480,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="report folder: report.json, summary.md, learning_curves.png")
     p.add_argument("--recipe", default="competent", choices=tuple(RECIPES),
                    help="victim recipe: competent (default; MedMNIST v2 ResNet protocol with flips and shifts, "
-                        "budget capped at 4000 steps, epoch selected on validation AUC), quick (20 epochs, cosine) or small "
-                        "(a small CNN, 15 epochs: seconds on small images)")
+                        "budget capped at 4000 steps, epoch selected on validation AUC), quick (20 epochs, cosine) "
+                        "or small (a small CNN, 15 epochs: seconds on small images)")
     p.add_argument("--victim", default=None, choices=CLASSIFIERS, help="victim network (default: the recipe's)")
     p.add_argument("--victim-size", default=None,
                    help="the attacker's input size, e.g. 32 or 64,64,64: training, validation and test images are "
