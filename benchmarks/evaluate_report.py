@@ -190,8 +190,8 @@ def main() -> None:
                          "PSNR dB": p.get("psnr"), "SSIM": p.get("ssim"), "changed %": p.get("changed"),
                          "train+protect s": None if p.get("seconds") is None else round(p["seconds"])})
     out.append(markdown_table(rows, ["dataset", "method", "headline", "balanced accuracy", "without relabeling",
-                                     "relabeling", "final",
-                                     "peak", "target met", "PSNR dB", "SSIM", "changed %", "train+protect s"]))
+                                     "relabeling", "final", "peak", "target met", "PSNR dB", "SSIM", "changed %",
+                                     "train+protect s"]))
 
     # ---- countermeasures
     cms = sorted({k[3] for k in index if k[3] != "none"})

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from monai_salm.data.medmnist import load_npz
 from monai_salm.evaluation.report import plot_image_grid
 from monai_salm.workflows.evaluate import run_evaluation
 
@@ -17,18 +18,9 @@ __all__ = ["DEMO_VICTIM_RECIPE", "demo_effect"]
 DEMO_VICTIM_RECIPE = "small"
 
 
-def _first_per_class(path: Path, per_class: int) -> tuple[torch.Tensor, np.ndarray]:
-    """The indices of the first ``per_class`` training images of every class of a MedMNIST ``.npz``."""
-    with np.load(path) as f:
-        labels = f["train_labels"].reshape(-1)
-    index = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
-    return labels, index
-
-
-def _train_images(path: Path, index: np.ndarray) -> torch.Tensor:
-    with np.load(path) as f:
-        images = f["train_images"][index].astype(np.float32) / 255.0
-    return torch.from_numpy(images)[:, None]
+def _picture_images(path: Path, index: np.ndarray) -> torch.Tensor:
+    """Training images ``index`` of a uint8 MedMNIST ``.npz`` as ``(N, 1, H, W)`` in [0, 1]."""
+    return torch.from_numpy(load_npz(path)["train_images"][index].astype(np.float32) / 255.0)[:, None]
 
 
 def demo_effect(
@@ -67,9 +59,10 @@ def demo_effect(
         report = run_evaluation(train, data, out_dir / f"victim_{name}", recipe=DEMO_VICTIM_RECIPE, seed=seed,
                                 device=device, progress=progress)
         accuracy[name] = float(report["selected_accuracy"])
-    labels, index = _first_per_class(data, per_class)
+    labels = load_npz(data)["train_labels"].reshape(-1)
+    index = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
     picture = plot_image_grid(
-        _train_images(data, index), _train_images(protected, index), None, out_dir / "demo_protection.png",
+        _picture_images(data, index), _picture_images(protected, index), None, out_dir / "demo_protection.png",
         title="clean / protected / difference / changed pixels",
     )
     return {
