@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "psnr": 32.0,
     "mask_mode": "class",
     "flip_symmetric": True,
+    "rotation_symmetric": False,
+    "spread": 1,
     "block": 4,
     "label_conditioned": True,
     "class_pattern": True,
@@ -69,6 +71,8 @@ def train_salm(
     epsilon: float = DEFAULTS["epsilon"],
     mask_mode: str = DEFAULTS["mask_mode"],
     flip_symmetric: bool = DEFAULTS["flip_symmetric"],
+    rotation_symmetric: bool = DEFAULTS["rotation_symmetric"],
+    spread: int = DEFAULTS["spread"],
     block: int = DEFAULTS["block"],
     label_conditioned: bool = DEFAULTS["label_conditioned"],
     class_pattern: bool = DEFAULTS["class_pattern"],
@@ -101,6 +105,12 @@ def train_salm(
         labels: ``(N,)`` class indices.
         num_classes: number of classes.
         epochs .. generator_lr: see :class:`monai_salm.engines.SALMTrainer` and :data:`DEFAULTS`.
+        rotation_symmetric: make the class masks and the learned class pattern unchanged by in-plane 90-degree
+            turns as well as flips (``SALMTrainer(rotation_symmetric=...)``,
+            ``NoiseGenerator(rotation_symmetric=...)``), so a victim that rotates its inputs sees each class's own
+            pattern.
+        spread: spread the class masks over ``spread`` parts per axis (``SALMTrainer(mask_spread=...)``), so that
+            no single hole an attacker cuts out removes most of the pattern; 1 keeps the top k of the whole image.
         block: side of the solid cells, in pixels/voxels, that make up the class masks and the class pattern
             (``SALMTrainer(mask_block=...)``, ``NoiseGenerator(pattern_cell=...)``); 1 is single positions.
         class_pattern: give a label-conditioned generator a learnable per-class spatial pattern of the
@@ -129,7 +139,7 @@ def train_salm(
         the finished trainer (with final masks) and the settings to store in a checkpoint.
 
     Raises:
-        ValueError: for labels out of range or bad ``k``/``epsilon``.
+        ValueError: for labels out of range or bad ``k``/``epsilon``/``spread``.
     """
     if not 2 <= int(num_classes) <= MAX_CLASSES:
         raise ValueError(f"SALM needs 2 to {MAX_CLASSES} classes, got {num_classes} (labels must be class indices "
@@ -137,6 +147,9 @@ def train_salm(
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}].")
     resolve_k(k, math.prod(images.shape[2:]))
+    if not 1 <= int(spread) <= min(images.shape[2:]):
+        raise ValueError(f"spread must be in [1, {min(images.shape[2:])}] parts per axis for images of "
+                         f"{tuple(images.shape[2:])}, got {spread}.")
     set_determinism(seed)
     spatial_dims, in_channels = images.ndim - 2, images.shape[1]
     generator_kwargs = dict(generator_kwargs or {})
@@ -144,8 +157,11 @@ def train_salm(
         generator_kwargs.setdefault("pattern_size", list(images.shape[2:]))
         if pattern != "learned":
             generator_kwargs.setdefault("pattern_kind", pattern)
-        elif block > 1:
-            generator_kwargs.setdefault("pattern_cell", int(block))
+        else:
+            if block > 1:
+                generator_kwargs.setdefault("pattern_cell", int(block))
+            if rotation_symmetric:
+                generator_kwargs.setdefault("rotation_symmetric", True)
     generator = NoiseGenerator(spatial_dims, in_channels, num_classes if label_conditioned else 0, **generator_kwargs)
     net = build_classifier(surrogate, spatial_dims, in_channels, num_classes, images.shape[2:])
     dataset = make_dataset(images, labels)
@@ -174,6 +190,8 @@ def train_salm(
         value_range=value_range,
         mask_mode=mask_mode,
         flip_symmetric=flip_symmetric,
+        rotation_symmetric=rotation_symmetric,
+        mask_spread=spread,
         mask_block=block,
         mask_refresh=mask_refresh,
         generator_steps=generator_steps,

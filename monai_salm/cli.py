@@ -146,6 +146,8 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
         epsilon=args.eps,
         mask_mode=args.mask_mode,
         block=args.block,
+        rotation_symmetric=args.rotation_symmetric,
+        spread=args.spread,
         label_conditioned=not args.no_label_conditioning,
         class_pattern=not args.no_class_pattern,
         pattern=args.pattern,
@@ -174,7 +176,8 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
             trainer.surrogate,
             trainer.class_scores,
             extra={"train_seconds": trainer.train_seconds, "epochs_run": trainer.state.epoch, "data": str(args.data),
-                   "robust_to": args.robust_to, "processes": world_size()},
+                   "robust_to": args.robust_to, "processes": world_size(), "spread": args.spread,
+                   "rotation_symmetric": args.rotation_symmetric},
         )
     barrier()
     summary = {
@@ -399,6 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", type=int, default=DEFAULTS["block"],
                    help="class mode: side in pixels/voxels of the solid cells making up the class masks and patterns "
                         "(1: single positions; cells of 3+ survive median filters, blur and resampling)")
+    p.add_argument("--rotation-symmetric", action="store_true", default=DEFAULTS["rotation_symmetric"],
+                   help="class mode: make the class masks and pattern unchanged by in-plane 90-degree turns as well as "
+                        "flips, so a victim that rotates its inputs still sees each class's own pattern")
+    p.add_argument("--spread", type=int, default=DEFAULTS["spread"],
+                   help="class mode: spread the mask over N parts per axis, taking about the same share of each (its "
+                        "most salient cells first), so that one hole cut out of an image removes little of it "
+                        "(default: 1, the most salient cells of the whole image)")
     p.add_argument("--mask-refresh", type=int, default=DEFAULTS["mask_refresh"], help="recompute masks every N epochs")
     p.add_argument("--warmup-epochs", type=int, default=DEFAULTS["warmup_epochs"], help="clean surrogate warm-up")
     p.add_argument("--generator-steps", type=int, default=DEFAULTS["generator_steps"], help="generator steps per batch")

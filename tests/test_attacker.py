@@ -15,7 +15,7 @@ from monai_salm.engines import load_protection, protection_transforms
 from monai_salm.evaluation import RECIPES, classification_metrics, train_victim
 from monai_salm.evaluation.victim import predict_probabilities, recipe_epochs, relabel_map, select_epoch
 from monai_salm.networks import NoiseGenerator
-from monai_salm.transforms.functional import block_average, epsilon_for_psnr, topk_mask
+from monai_salm.transforms.functional import block_average, epsilon_for_psnr, flip_average, regional_rank, topk_mask
 
 from conftest import make_medmnist
 
@@ -203,6 +203,68 @@ def test_generator_pattern_cells_are_constant_and_flip_symmetric():
     assert out.shape == (2, 1, 12, 12)
     with pytest.raises(ValueError, match="pattern_cell"):
         NoiseGenerator(2, 1, num_classes=3, pattern_size=(12, 12), pattern_cell=0)
+
+
+def test_flip_average_with_rotations_is_invariant_under_quarter_turns():
+    maps = torch.rand(2, 6, 6)
+    sym = flip_average(maps, rotations=True)
+    for turns in (1, 2, 3):
+        assert torch.allclose(sym, sym.rot90(turns, (1, 2)))
+    assert torch.allclose(flip_average(maps), flip_average(maps, rotations=False))
+    assert not torch.allclose(flip_average(maps), flip_average(maps).rot90(1, (1, 2)))
+    wide = flip_average(torch.rand(1, 4, 6), rotations=True)  # no quarter turn keeps a 4x6 grid: flips only
+    assert torch.allclose(wide, wide.flip(1)) and torch.allclose(wide, wide.flip(2))
+    code = torch.rand(3, 2, 5, 5)  # (classes, channels, *cells): only the trailing axes are spatial
+    sym = flip_average(code, rotations=True, spatial_dims=2)
+    assert torch.allclose(sym, sym.rot90(1, (2, 3))) and not torch.allclose(sym[0], sym[1])
+
+
+def test_regional_rank_spreads_the_top_k_over_the_regions():
+    scores = torch.zeros(1, 12, 12)
+    scores[0, 4:8, 4:8] = 10.0 + torch.rand(4, 4)  # everything salient sits in the centre
+    scores[0] += 0.01 * torch.rand(12, 12)
+    assert topk_mask(scores, 16)[0, 0, 4:8, 4:8].sum() == 16  # the plain top-k takes the centre block
+    ranks = regional_rank(scores, 3)
+    assert ranks.min() > 0 and ranks.max() == 1.0
+    assert (ranks.reshape(3, 4, 3, 4).permute(0, 2, 1, 3).reshape(9, 16).max(1).values == 1.0).all()
+    mask = topk_mask(ranks, 18)[0, 0]  # 2 positions in each of the 9 regions of 4x4
+    assert mask.reshape(3, 4, 3, 4).sum((1, 3)).flatten().tolist() == [2.0] * 9
+    assert mask[4:8, 4:8][scores[0, 4:8, 4:8] >= scores[0, 4:8, 4:8].flatten().topk(2).values[-1]].all()
+    assert torch.equal(topk_mask(regional_rank(scores, 1), 16), topk_mask(scores, 16))
+    for bad in (0, 13):
+        with pytest.raises(ValueError, match="regions"):
+            regional_rank(scores, bad)
+
+
+def test_rotation_symmetric_pattern_stays_symmetric_while_it_learns():
+    gen = NoiseGenerator(2, 1, num_classes=2, pattern_size=(12, 12), pattern_cell=4, rotation_symmetric=True)
+    optimizer = torch.optim.SGD(gen.parameters(), lr=1.0)
+    loss = (gen(torch.rand(2, 1, 12, 12), torch.tensor([0, 1])) * torch.rand(2, 1, 12, 12)).sum()
+    loss.backward()
+    optimizer.step()
+    pattern = gen.class_pattern()
+    assert not torch.equal(pattern[0], pattern[1])
+    for turns in (1, 2, 3):
+        assert torch.allclose(pattern, pattern.rot90(turns, (2, 3)))
+    assert torch.allclose(pattern, pattern.flip(2))
+    plain = NoiseGenerator(2, 1, num_classes=2, pattern_size=(12, 12), pattern_cell=4).class_pattern()
+    assert torch.equal(plain, plain.flip(3)) and not torch.equal(plain, plain.rot90(1, (2, 3)))
+
+
+def test_rotation_symmetric_spread_training_and_checkpoint(tmp_path):
+    data, ckpt = tmp_path / "d.npz", tmp_path / "salm.pt"
+    make_medmnist(data, n=16, shape=(12, 12))
+    assert main(["train", "--data", str(data), "--out", str(ckpt), "--epochs", "1", "--warmup-epochs", "0",
+                 "--k", "0.25", "--block", "2", "--rotation-symmetric", "--spread", "3", "--batch-size", "16",
+                 "--quiet"]) == 0
+    settings, generator, _, scores = load_protection(ckpt)
+    assert settings.generator["rotation_symmetric"] is True
+    assert torch.allclose(scores, scores.rot90(1, (1, 2)))
+    # ranks within regions (mean about 0.5), not saliency shares of the whole image (mean 1 / 144)
+    assert 0.3 < float(scores.mean()) < 0.7 and float(scores.max()) <= 1.0
+    assert (topk_mask(scores, settings.k)[:, 0].reshape(-1, 3, 4, 3, 4).sum((2, 4)) > 0).sum() >= 5
+    pattern = generator.class_pattern()
+    assert torch.allclose(pattern, pattern.rot90(1, (2, 3)))
 
 
 def test_block_training_gives_block_masks_and_psnr_loader(tmp_path, tiny_classifier):

@@ -129,6 +129,7 @@ CASES: dict[str, tuple[Callable[[Path], list], tuple[str, ...]]] = {
     "train: bad work size": (lambda w: _train(w / "d.npz", "--work-size", "abc"), ("work",)),
     "train: bad intensity": (lambda w: _train(w / "d.npz", "--intensity", "window:5:1"), ("intensity", "window")),
     "train: negative limit": (lambda w: _train(w / "d.npz", "--limit", "-1"), ("limit",)),
+    "train: spread larger than the image": (lambda w: _train(w / "d.npz", "--spread", "99"), ("spread",)),
     "train: absurd class count": (lambda w: _train(w / "d.npz", "--num-classes", "100000"), ("classes",)),
     "train: out is the data": (lambda w: ["train", "--data", str(w / "d.npz"), "--out", str(w / "d.npz"), *FAST],
                                ("d.npz", "training data")),

@@ -8,7 +8,7 @@ from monai.data import DataLoader
 
 from monai_salm.api import make_dataset, protect_tensor, train_salm
 from monai_salm.engines import SALMTrainer, load_protection, protection_transforms, save_protection
-from monai_salm.engines.trainer import flip_average
+from monai_salm.transforms.functional import flip_average
 from monai_salm.networks import NoiseGenerator
 
 from conftest import TinyClassifier

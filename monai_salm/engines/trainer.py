@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,9 +20,11 @@ from monai_salm.engines.distributed import all_reduce, average_buffers, gather, 
 from monai_salm.transforms.functional import (
     block_average,
     call_generator,
+    flip_average,
     mixed_precision,
     perturb,
     recalibrate_batchnorm,
+    regional_rank,
     saliency_scores,
     topk_mask,
 )
@@ -32,16 +33,6 @@ __all__ = ["SALMTrainer", "MASK_MODES", "INDEX_KEY", "flip_average"]
 
 MASK_MODES = ("sample", "class", "random")
 INDEX_KEY = "index"
-
-
-def flip_average(scores: torch.Tensor) -> torch.Tensor:
-    """Average ``(B, *spatial)`` maps over every combination of spatial-axis flips."""
-    axes = list(range(1, scores.ndim))
-    out = torch.zeros_like(scores)
-    for bits in itertools.product((False, True), repeat=len(axes)):
-        dims = [a for a, b in zip(axes, bits) if b]
-        out += scores.flip(dims) if dims else scores
-    return out / 2 ** len(axes)
 
 
 def _pred_and_label(output: dict | list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +93,10 @@ class SALMTrainer(Trainer):
             random-mask ablation, a fixed random top-k per image).
         flip_symmetric: in ``"class"`` mode, average each class score map over all axis flips before
             taking the top k, so the class pattern is unchanged by flip augmentation.
+        rotation_symmetric: in ``"class"`` mode, also average over in-plane 90-degree turns (square in-plane
+            grids), so the class masks are unchanged by rotation augmentation too.
+        mask_spread: in ``"class"`` mode, rank each class score map within ``mask_spread`` parts per axis before
+            the top k (:func:`regional_rank`), so the mask is spread over the image; 1: one region.
         mask_block: in ``"class"`` mode, average each class score map over cells of this side before the top k,
             so the mask is made of solid blocks (which a 3x3 median filter or a small blur cannot remove)
             instead of scattered positions; 1 keeps single positions.
@@ -143,6 +138,8 @@ class SALMTrainer(Trainer):
         value_range: Sequence[float] = (0.0, 1.0),
         mask_mode: str = "sample",
         flip_symmetric: bool = False,
+        rotation_symmetric: bool = False,
+        mask_spread: int = 1,
         mask_block: int = 1,
         mask_refresh: int = 1,
         generator_steps: int = 1,
@@ -163,6 +160,8 @@ class SALMTrainer(Trainer):
             raise ValueError(f"epsilon={epsilon} must be in (0, {hi - lo}] for value_range {(lo, hi)}.")
         if not isinstance(k, (int, float)) or isinstance(k, bool) or k <= 0 or (isinstance(k, float) and k > 1):
             raise ValueError(f"k must be a fraction in (0, 1] or a positive integer count, got {k!r}.")
+        if int(mask_spread) < 1:
+            raise ValueError(f"mask_spread must be a positive integer, got {mask_spread}.")
         super().__init__(
             device=torch.device(device),
             max_epochs=max_epochs,
@@ -188,6 +187,8 @@ class SALMTrainer(Trainer):
         self.value_range = (lo, hi)
         self.mask_mode = mask_mode
         self.flip_symmetric = bool(flip_symmetric)
+        self.rotation_symmetric = bool(rotation_symmetric)
+        self.mask_spread = int(mask_spread)
         self.mask_block = int(mask_block)
         self.mask_refresh = int(mask_refresh)
         self.generator_steps = int(generator_steps)
@@ -301,8 +302,10 @@ class SALMTrainer(Trainer):
             sums, counts = _grow(sums, counts, num_classes, spatial, self.state.device)
             sums, counts = all_reduce(sums), all_reduce(counts)
         self.class_scores = (sums / counts.clamp_min(1).reshape(-1, *[1] * (sums.ndim - 1))).detach()
-        if self.flip_symmetric:
-            self.class_scores = flip_average(self.class_scores)
+        if self.mask_spread > 1:
+            self.class_scores = regional_rank(self.class_scores, self.mask_spread)
+        if self.flip_symmetric or self.rotation_symmetric:
+            self.class_scores = flip_average(self.class_scores, rotations=self.rotation_symmetric)
         self.class_scores = block_average(self.class_scores, self.mask_block)
         self.class_masks = topk_mask(self.class_scores, self.k).bool()
 

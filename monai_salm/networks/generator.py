@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import UNet
 
+from monai_salm.transforms.functional import flip_average
+
 __all__ = ["NoiseGenerator", "sign_code", "class_textures", "PATTERNS"]
 
 #: Kinds of per-class pattern: ``"learned"`` (cells of learnable values) or ``"texture"`` (a fixed texture per class).
@@ -103,6 +105,10 @@ class NoiseGenerator(torch.nn.Module):
             +-epsilon inside the mask; the UNet is not used and nothing is trained (the surrogate still chooses
             the masks). A texture is a local, shift- and flip-robust feature that a victim picks up in its first
             steps (docs/results.md). Needs ``pattern_size``; ``pattern_cell`` does not apply.
+        rotation_symmetric: keep the learned spatial class pattern unchanged by flips and by in-plane 90-degree
+            turns (when the pattern's in-plane grid is square): it is averaged over those symmetries whenever it
+            is used, so a victim that rotates its inputs sees each class's own pattern. A 90-degree turn of a
+            pattern that is only flip-symmetric is another pattern, often close to another class's.
 
     Raises:
         ValueError: for unsupported ``spatial_dims`` or bad label values.
@@ -119,6 +125,7 @@ class NoiseGenerator(torch.nn.Module):
         pattern_size: Sequence[int] | None = None,
         pattern_cell: int = 1,
         pattern_kind: str = "learned",
+        rotation_symmetric: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -145,6 +152,7 @@ class NoiseGenerator(torch.nn.Module):
         if pattern_kind == "texture" and (self.pattern_size is None or not self.label_conditioned):
             raise ValueError("a texture pattern needs label conditioning and a pattern_size.")
         self.pattern_kind = pattern_kind
+        self.rotation_symmetric = bool(rotation_symmetric)
         if pattern_kind == "texture":
             if len(self.pattern_size) != spatial_dims:
                 raise ValueError(f"pattern_size must have {spatial_dims} values, got {pattern_size}.")
@@ -160,13 +168,19 @@ class NoiseGenerator(torch.nn.Module):
                 signs = torch.randn(self.num_classes, in_channels, *cells, generator=gen)
                 for dim in range(2, 2 + spatial_dims):
                     signs = signs + signs.flip(dim)
+                if self.rotation_symmetric:
+                    signs = flip_average(signs, rotations=True, spatial_dims=spatial_dims)
                 code = signs.sign()
             self.class_code = torch.nn.Parameter(code_scale * code)
 
     def class_pattern(self) -> torch.Tensor:
         """The per-class code: ``(num_classes, C)``, or ``(num_classes, C, *pattern_size)`` for a spatial pattern."""
         code = self.class_code
-        if self.pattern_size is None or self.pattern_cell == 1 or self.pattern_kind == "texture":
+        if self.pattern_size is None or self.pattern_kind == "texture":
+            return code
+        if self.rotation_symmetric:
+            code = flip_average(code, rotations=True, spatial_dims=self.spatial_dims)
+        if self.pattern_cell == 1:
             return code
         code = F.interpolate(code, scale_factor=self.pattern_cell, mode="nearest")
         return code[(..., *[slice(0, s) for s in self.pattern_size])]

@@ -6,6 +6,7 @@ transforms run exactly the same code.
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Iterable, Sequence
 
@@ -18,6 +19,8 @@ __all__ = [
     "saliency_scores",
     "topk_mask",
     "block_average",
+    "flip_average",
+    "regional_rank",
     "resize_images",
     "to_grid",
     "perturb",
@@ -213,6 +216,62 @@ def block_average(scores: torch.Tensor, block: int) -> torch.Tensor:
     pooled = pool(scores[:, None].float(), block, stride=block, ceil_mode=True, count_include_pad=False)
     up = F.interpolate(pooled, scale_factor=block, mode="nearest")
     return up[(slice(None), 0, *[slice(0, s) for s in spatial])].to(scores.dtype)
+
+
+def flip_average(scores: torch.Tensor, rotations: bool = False, spatial_dims: int | None = None) -> torch.Tensor:
+    """Average maps over every combination of spatial-axis flips.
+
+    Args:
+        scores: ``(..., *spatial)`` maps.
+        rotations: also average over the swap of the last two spatial axes (the in-plane axes) when they have the
+            same size, so that together with the flips the maps are unchanged by in-plane 90-degree turns.
+        spatial_dims: number of trailing spatial axes (default: every axis but the first).
+
+    Returns:
+        a tensor shaped like ``scores``.
+    """
+    spatial_dims = scores.ndim - 1 if spatial_dims is None else int(spatial_dims)
+    axes = list(range(scores.ndim - spatial_dims, scores.ndim))
+    out = torch.zeros_like(scores)
+    for bits in itertools.product((False, True), repeat=len(axes)):
+        dims = [a for a, b in zip(axes, bits) if b]
+        out += scores.flip(dims) if dims else scores
+    out = out / 2 ** len(axes)
+    if rotations and scores.shape[-1] == scores.shape[-2]:
+        out = (out + out.transpose(-1, -2)) / 2
+    return out
+
+
+def regional_rank(scores: torch.Tensor, regions: int) -> torch.Tensor:
+    """Replace every score by its rank within its region, as a fraction in (0, 1].
+
+    The spatial axes are cut into ``regions`` equal parts each (``regions ** dims`` regions). After this, a top-k
+    over the whole map takes about the same share of every region, its most salient positions first: the mask is
+    spread over the image instead of gathered in one place, so that no single hole (cutout) removes most of it.
+
+    Args:
+        scores: ``(B, *spatial)`` maps.
+        regions: parts per axis; 1 ranks over the whole map (the top-k is then the same as on ``scores``).
+
+    Returns:
+        a float tensor shaped like ``scores``; ties keep their order by flat (C-order) index within a region.
+
+    Raises:
+        ValueError: for ``regions`` below 1 or above an axis's size.
+    """
+    spatial = scores.shape[1:]
+    if regions < 1 or regions > min(spatial):
+        raise ValueError(f"regions must be in [1, {min(spatial)}] for maps of {tuple(spatial)}, got {regions}.")
+    out = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+    cuts = [[round(i * size / regions) for i in range(regions + 1)] for size in spatial]
+    for cell in itertools.product(range(regions), repeat=len(spatial)):
+        index = (slice(None), *[slice(c[i], c[i + 1]) for c, i in zip(cuts, cell)])
+        part = scores[index].reshape(scores.shape[0], -1).float()
+        order = torch.sort(part, dim=1, stable=True).indices
+        ranks = torch.empty_like(part)
+        ranks.scatter_(1, order, torch.arange(1, part.shape[1] + 1, dtype=part.dtype, device=part.device).expand_as(part))
+        out[index] = (ranks / part.shape[1]).reshape(scores[index].shape)
+    return out
 
 
 def call_generator(generator: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
