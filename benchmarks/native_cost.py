@@ -82,10 +82,11 @@ def peak_rss_mb() -> float:
 
 
 def make_checkpoint(path: Path, work: tuple[int, ...], mask_mode: str = "class", num_classes: int = 2,
-                    pattern: str = "learned") -> Path:
+                    pattern: str = "learned", image_term: bool = True) -> Path:
     """A checkpoint with the default networks at the working grid ``work`` (untrained: cost does not depend on it)."""
     dims = len(work)
-    generator_kwargs = {"pattern_size": list(work), "pattern_cell": DEFAULTS["block"], "pattern_kind": pattern}
+    generator_kwargs = {"pattern_size": list(work), "pattern_cell": DEFAULTS["block"], "pattern_kind": pattern,
+                        "image_term": image_term}
     generator = NoiseGenerator(dims, 1, num_classes, **generator_kwargs)
     surrogate = build_classifier("resnet18", dims, 1, num_classes)
     settings = SALMSettings(spatial_dims=dims, in_channels=1, num_classes=num_classes, image_size=work,
@@ -112,6 +113,8 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
                   for mode in ("class", "sample")}
         loaded["class_texture"] = load_protection(make_checkpoint(tmp / "texture.pt", size, "class", pattern="texture"),
                                                   device)
+        loaded["class_pattern_only"] = load_protection(
+            make_checkpoint(tmp / "pattern_only.pt", size, "class", image_term=False), device)
         settings, generator, surrogate, _ = loaded["sample"]
 
         def floor():
@@ -128,7 +131,9 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
         images, labels = torch.rand(train_images, 1, *size), torch.randint(0, 2, (train_images,))
         # one epoch's cost is the difference between a 2-epoch and a 1-epoch run: the setup, the first masks and the
         # final mask refresh are paid once per run, not per epoch
-        for name, options in (("train", {}), ("train_texture", {"pattern": "texture"})):
+        trainings = (("train", {}), ("train_texture", {"pattern": "texture"}),
+                     ("train_pattern_only", {"image_term": False}))
+        for name, options in trainings:
             for epochs in (1, 2):
                 fns[f"{name}{epochs}"] = functools.partial(
                     train_salm, images, labels, 2, epochs=epochs, warmup_epochs=0, batch_size=batch,
@@ -139,7 +144,7 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
         for mode in loaded:
             row[f"release_{mode}_ms"] = 1000 * seconds[f"release_{mode}"] / batch
             row[f"release_{mode}_x_floor"] = seconds[f"release_{mode}"] / batch / floor_s
-        for name in ("train", "train_texture"):
+        for name, _ in trainings:
             epoch_s = seconds[f"{name}2"] - seconds[f"{name}1"]
             row[f"{name}_ms_per_image_epoch"] = 1000 * epoch_s / train_images
             row[f"{name}_x_floor"] = epoch_s / train_images / floor_s

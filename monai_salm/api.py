@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "flip_symmetric": True,
     "rotation_symmetric": False,
     "spread": 1,
+    "image_term": True,
     "block": 4,
     "label_conditioned": True,
     "class_pattern": True,
@@ -73,6 +74,7 @@ def train_salm(
     flip_symmetric: bool = DEFAULTS["flip_symmetric"],
     rotation_symmetric: bool = DEFAULTS["rotation_symmetric"],
     spread: int = DEFAULTS["spread"],
+    image_term: bool = DEFAULTS["image_term"],
     block: int = DEFAULTS["block"],
     label_conditioned: bool = DEFAULTS["label_conditioned"],
     class_pattern: bool = DEFAULTS["class_pattern"],
@@ -111,6 +113,8 @@ def train_salm(
             pattern.
         spread: spread the class masks over ``spread`` parts per axis (``SALMTrainer(mask_spread=...)``), so that
             no single hole an attacker cuts out removes most of the pattern; 1 keeps the top k of the whole image.
+        image_term: ``False`` trains the learned class pattern alone, without the generator's image-dependent UNet
+            term (``NoiseGenerator(image_term=False)``): cheaper to train, and a class-mask release is a lookup.
         block: side of the solid cells, in pixels/voxels, that make up the class masks and the class pattern
             (``SALMTrainer(mask_block=...)``, ``NoiseGenerator(pattern_cell=...)``); 1 is single positions.
         class_pattern: give a label-conditioned generator a learnable per-class spatial pattern of the
@@ -162,6 +166,8 @@ def train_salm(
                 generator_kwargs.setdefault("pattern_cell", int(block))
             if rotation_symmetric:
                 generator_kwargs.setdefault("rotation_symmetric", True)
+            if not image_term:
+                generator_kwargs.setdefault("image_term", False)
     generator = NoiseGenerator(spatial_dims, in_channels, num_classes if label_conditioned else 0, **generator_kwargs)
     net = build_classifier(surrogate, spatial_dims, in_channels, num_classes, images.shape[2:])
     dataset = make_dataset(images, labels)
@@ -303,7 +309,10 @@ def protect_tensor(
             continue  # another process's batch (its random draws are taken all the same, to stay in step)
         x = images[start:stop].to(device, non_blocking=True).float()
         y = labels[start:stop].to(device, non_blocking=True).long()
-        xw = resize_images(x, work)
+        if settings.mask_mode == "class" and not getattr(generator, "reads_images", True):
+            xw = x.new_zeros(()).expand(x.shape[0], x.shape[1], *work)  # the change is the class pattern alone
+        else:
+            xw = resize_images(x, work)
         if settings.mask_mode == "class":
             mask = class_masks[y]
         elif settings.mask_mode == "random":

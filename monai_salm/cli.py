@@ -148,6 +148,7 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
         block=args.block,
         rotation_symmetric=args.rotation_symmetric,
         spread=args.spread,
+        image_term=not args.pattern_only,
         label_conditioned=not args.no_label_conditioning,
         class_pattern=not args.no_class_pattern,
         pattern=args.pattern,
@@ -424,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", choices=PATTERNS, default=DEFAULTS["pattern"],
                    help="class pattern inside the masks: learned (cells of learnable values) or texture (a fixed "
                         "stripe or checkerboard texture per class, read by a victim after flips and shifts)")
+    p.add_argument("--pattern-only", action="store_true",
+                   help="learned pattern without the generator's image-dependent term: each class's change is the "
+                        "same for all its images, training is cheaper and a class-mask release is a lookup")
     p.add_argument("--no-class-pattern", action="store_true", help="one code per class and channel, not a spatial pattern")
     p.add_argument("--robust-to", default="",
                    help="train through a preprocess countermeasure (e.g. median, blur, resample, bitdepth:4) applied "

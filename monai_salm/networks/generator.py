@@ -126,6 +126,7 @@ class NoiseGenerator(torch.nn.Module):
         pattern_cell: int = 1,
         pattern_kind: str = "learned",
         rotation_symmetric: bool = False,
+        image_term: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -135,15 +136,20 @@ class NoiseGenerator(torch.nn.Module):
         self.num_classes = int(num_classes)
         self.label_conditioned = self.num_classes > 0
         self.divisor = int(math.prod(strides))
-        self.net = UNet(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels + self.num_classes,
-            out_channels=in_channels,
-            channels=tuple(channels),
-            strides=tuple(strides),
-            num_res_units=1,
-        )
         self.pattern_size = None if pattern_size is None else tuple(int(v) for v in pattern_size)
+        self.image_term = bool(image_term)
+        if not self.image_term and (self.pattern_size is None or not self.label_conditioned):
+            raise ValueError("a generator without the image term needs label conditioning and a pattern_size.")
+        self.net = None
+        if self.image_term:
+            self.net = UNet(
+                spatial_dims=spatial_dims,
+                in_channels=in_channels + self.num_classes,
+                out_channels=in_channels,
+                channels=tuple(channels),
+                strides=tuple(strides),
+                num_res_units=1,
+            )
         if int(pattern_cell) < 1:
             raise ValueError(f"pattern_cell must be a positive integer, got {pattern_cell}.")
         self.pattern_cell = int(pattern_cell)
@@ -157,7 +163,8 @@ class NoiseGenerator(torch.nn.Module):
             if len(self.pattern_size) != spatial_dims:
                 raise ValueError(f"pattern_size must have {spatial_dims} values, got {pattern_size}.")
             self.register_buffer("class_code", 10.0 * class_textures(self.num_classes, in_channels, self.pattern_size))
-            self.net.requires_grad_(False)  # the output is the texture alone: nothing here is trained
+            if self.net is not None:
+                self.net.requires_grad_(False)  # the output is the texture alone: nothing here is trained
         elif self.label_conditioned:
             code = sign_code(self.num_classes, in_channels)
             if self.pattern_size is not None:
@@ -172,6 +179,11 @@ class NoiseGenerator(torch.nn.Module):
                     signs = flip_average(signs, rotations=True, spatial_dims=spatial_dims)
                 code = signs.sign()
             self.class_code = torch.nn.Parameter(code_scale * code)
+
+    @property
+    def reads_images(self) -> bool:
+        """Whether the output depends on the images (``False``: it is the class pattern alone)."""
+        return self.image_term and self.pattern_kind != "texture"
 
     def class_pattern(self) -> torch.Tensor:
         """The per-class code: ``(num_classes, C)``, or ``(num_classes, C, *pattern_size)`` for a spatial pattern."""
@@ -205,6 +217,8 @@ class NoiseGenerator(torch.nn.Module):
                 raise ValueError(f"labels must be {x.shape[0]} class indices in [0, {self.num_classes}).")
             if self.pattern_kind == "texture":
                 return self.class_code[y].to(x.dtype)
+            if not self.image_term:
+                return self.class_pattern()[y].to(x.dtype)
             onehot = F.one_hot(y, self.num_classes).to(x.dtype)
             onehot = onehot.reshape(*onehot.shape, *([1] * self.spatial_dims)).expand(-1, -1, *spatial)
             x = torch.cat([x, onehot], dim=1)

@@ -51,8 +51,12 @@ def check_checkpoint_output(out: str | os.PathLike, data: str | os.PathLike | No
 
 
 def _generator_kwargs(generator: NoiseGenerator) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"channels": [int(c) for c in generator.net.channels],
-                              "strides": [int(s) for s in generator.net.strides]}
+    kwargs: dict[str, Any] = {"image_term": False}
+    if generator.net is not None:
+        kwargs = {"channels": [int(c) for c in generator.net.channels],
+                  "strides": [int(s) for s in generator.net.strides]}
+    if generator.rotation_symmetric:
+        kwargs["rotation_symmetric"] = True
     if generator.pattern_size is not None:
         kwargs["pattern_size"] = list(generator.pattern_size)
     if generator.pattern_kind != "learned":
