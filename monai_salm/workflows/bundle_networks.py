@@ -96,13 +96,16 @@ class BundleNoiseGenerator(NoiseGenerator):
     - ``y`` may be a Python int or list (``--extra_forward_args "{'y': 0}"``); a single label is used for every
       image of the batch;
     - ``y=None`` on a label-conditioned generator returns its label-free part: the UNet with all-zero label maps
-      and no class pattern (same shape and dtype as the conditioned output, which adds the class pattern).
+      and no class pattern (same shape and dtype as the conditioned output, which adds the class pattern); zeros
+      for a generator without the UNet (``image_term=False``).
 
     Weights are those of ``NoiseGenerator``: checkpoints load into either class.
     """
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | int | Sequence[int] | None = None) -> torch.Tensor:
         if y is None and self.label_conditioned:
+            if self.net is None:  # a pattern-only generator has no label-free part
+                return torch.zeros_like(x)
             spatial = x.shape[2:]
             x = torch.cat([x, x.new_zeros(x.shape[0], self.num_classes, *spatial)], dim=1)
             pad = []
