@@ -92,7 +92,8 @@ def protection(root: Path, ds: str, method: str, extra: tuple[str, ...] = (), ta
 def victim(root: Path, ds: str, train: Path, name: str, net: str = "resnet18", cms: str = "", epochs: int = 0,
            seed: int = 0, readers: tuple[Path, ...] = ()) -> None:
     """Train and test one competent victim unless its report exists; append the result to ``results.jsonl``."""
-    out = root / ds / "victims" / f"{name}__{net}__{cms.replace(',', '+') or 'none'}" f"{f'__seed{seed}' if seed else ''}"
+    cms_name = cms.replace(",", "+").replace("/", "_") or "none"  # adversarial:2/255 names one folder
+    out = root / ds / "victims" / f"{name}__{net}__{cms_name}{f'__seed{seed}' if seed else ''}"
     cmd = ["monai-salm", "evaluate", "--train", str(train), "--test", str(root / ds / "data.npz"), "--victim", net,
            "--out", str(out), "--seed", str(seed), "--threads", "1", "--quiet"]
     budget = epochs or EPOCHS[ds]
