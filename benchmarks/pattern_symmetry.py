@@ -1,9 +1,11 @@
-"""How a checkpoint's class patterns relate to each other, and to themselves after an in-plane quarter turn.
+"""How a checkpoint's class patterns relate to each other, to themselves after an in-plane quarter turn, and to
+the pattern they were started from.
 
 A victim that rotates its inputs by 90 degrees sees each class's pattern turned. When the turned pattern of one
 class resembles another class's, rotation augmentation feeds the victim contradicting shortcuts. Prints, over the
 union of the class masks, the correlation of every pair of class patterns and of each turned pattern with the
-original patterns (2D checkpoints with a square working grid and a spatial class pattern).
+original patterns (2D checkpoints with a square working grid and a spatial class pattern), then how far training
+moved the class code from its seeded random start.
 
     python benchmarks/pattern_symmetry.py RUN/breast/salm.pt
 """
@@ -15,6 +17,7 @@ import argparse
 import torch
 
 from monai_salm.engines import load_protection
+from monai_salm.networks import NoiseGenerator
 from monai_salm.transforms.functional import topk_mask
 
 
@@ -40,6 +43,10 @@ def main() -> None:
         for c in range(settings.num_classes):
             cells = [correlation(source[c][:, inside], change[d][:, inside]) for d in range(settings.num_classes)]
             print(f"| {name.format(c)} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    start = NoiseGenerator(settings.spatial_dims, settings.in_channels, settings.num_classes, **settings.generator)
+    code, initial = generator.class_code.detach(), start.class_code.detach()
+    print(f"class code: {float((code.sign() == initial.sign()).float().mean()):.3f} of its signs as started, mean "
+          f"|change| {float((code - initial).abs().mean()):.4f} against a mean |value| of {float(initial.abs().mean()):.2f}")
 
 
 if __name__ == "__main__":
