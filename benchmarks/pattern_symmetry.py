@@ -5,7 +5,7 @@ A victim that rotates its inputs by 90 degrees sees each class's pattern turned.
 class resembles another class's, rotation augmentation feeds the victim contradicting shortcuts. Prints, over the
 union of the class masks, the correlation of every pair of class patterns and of each turned pattern with the
 original patterns (2D checkpoints with a square working grid and a spatial class pattern), then how far training
-moved the class code from its seeded random start.
+moved the class pattern inside the masks from its seeded random start.
 
     python benchmarks/pattern_symmetry.py RUN/breast/salm.pt
 """
@@ -44,9 +44,11 @@ def main() -> None:
             cells = [correlation(source[c][:, inside], change[d][:, inside]) for d in range(settings.num_classes)]
             print(f"| {name.format(c)} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
     start = NoiseGenerator(settings.spatial_dims, settings.in_channels, settings.num_classes, **settings.generator)
-    code, initial = generator.class_code.detach(), start.class_code.detach()
-    print(f"class code: {float((code.sign() == initial.sign()).float().mean()):.3f} of its signs as started, mean "
-          f"|change| {float((code - initial).abs().mean()):.4f} against a mean |value| of {float(initial.abs().mean()):.2f}")
+    with torch.no_grad():
+        code, initial = generator.class_pattern()[..., inside], start.class_pattern()[..., inside]
+    print(f"class pattern inside the masks (before tanh): {float((code.sign() == initial.sign()).float().mean()):.3f} "
+          f"of its signs as started, mean |change| {float((code - initial).abs().mean()):.4f} against a mean |value| "
+          f"of {float(initial.abs().mean()):.2f}")
 
 
 if __name__ == "__main__":
