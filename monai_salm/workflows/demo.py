@@ -18,9 +18,9 @@ __all__ = ["DEMO_VICTIM_RECIPE", "demo_effect"]
 DEMO_VICTIM_RECIPE = "small"
 
 
-def _picture_images(path: Path, index: np.ndarray) -> torch.Tensor:
-    """Training images ``index`` of a uint8 MedMNIST ``.npz`` as ``(N, 1, H, W)`` in [0, 1]."""
-    return torch.from_numpy(load_npz(path)["train_images"][index].astype(np.float32) / 255.0)[:, None]
+def _picture_images(arrays: dict[str, np.ndarray], index: np.ndarray) -> torch.Tensor:
+    """Training images ``index`` of a uint8 MedMNIST file's arrays as ``(N, 1, H, W)`` in [0, 1]."""
+    return torch.from_numpy(arrays["train_images"][index].astype(np.float32) / 255.0)[:, None]
 
 
 def demo_effect(
@@ -59,10 +59,11 @@ def demo_effect(
         report = run_evaluation(train, data, out_dir / f"victim_{name}", recipe=DEMO_VICTIM_RECIPE, seed=seed,
                                 device=device, progress=progress)
         accuracy[name] = float(report["selected_accuracy"])
-    labels = load_npz(data)["train_labels"].reshape(-1)
+    clean, released = load_npz(data), load_npz(protected)
+    labels = clean["train_labels"].reshape(-1)
     index = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in np.unique(labels)])
     picture = plot_image_grid(
-        _picture_images(data, index), _picture_images(protected, index), None, out_dir / "demo_protection.png",
+        _picture_images(clean, index), _picture_images(released, index), None, out_dir / "demo_protection.png",
         title="clean / protected / difference / changed pixels",
     )
     return {
