@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "flip_symmetric": True,
     "rotation_symmetric": False,
     "spread": 1,
+    "placement": "salient",
     "image_term": True,
     "block": 4,
     "label_conditioned": True,
@@ -53,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 128,
     "surrogate_lr": 0.01,
     "generator_lr": 2e-3,
+    "pattern_lr": None,
     "stop_accuracy": None,
     "monitor_steps": 0,
 }
@@ -61,6 +63,15 @@ DEFAULTS: dict[str, Any] = {
 def make_dataset(images: torch.Tensor, labels: torch.Tensor) -> Dataset:
     """MONAI dataset of ``{"image", "label", "index"}`` dictionaries over in-memory tensors."""
     return Dataset([{"image": images[i], "label": labels[i], "index": i} for i in range(images.shape[0])])
+
+
+def _generator_groups(generator: NoiseGenerator, lr: float, pattern_lr: float | None) -> list[dict]:
+    """Adam parameter groups: the learned class pattern at ``pattern_lr`` (when given), the rest at ``lr``."""
+    params = [p for p in generator.parameters() if p.requires_grad]
+    code = getattr(generator, "class_code", None)
+    if pattern_lr is None or not isinstance(code, torch.nn.Parameter):
+        return [{"params": params}]
+    return [{"params": [p for p in params if p is not code]}, {"params": [code], "lr": float(pattern_lr)}]
 
 
 def train_salm(
@@ -74,6 +85,7 @@ def train_salm(
     flip_symmetric: bool = DEFAULTS["flip_symmetric"],
     rotation_symmetric: bool = DEFAULTS["rotation_symmetric"],
     spread: int = DEFAULTS["spread"],
+    placement: str = DEFAULTS["placement"],
     image_term: bool = DEFAULTS["image_term"],
     block: int = DEFAULTS["block"],
     label_conditioned: bool = DEFAULTS["label_conditioned"],
@@ -85,6 +97,7 @@ def train_salm(
     batch_size: int = DEFAULTS["batch_size"],
     surrogate_lr: float = DEFAULTS["surrogate_lr"],
     generator_lr: float = DEFAULTS["generator_lr"],
+    pattern_lr: float | None = DEFAULTS["pattern_lr"],
     stop_accuracy: float | None = DEFAULTS["stop_accuracy"],
     value_range: Sequence[float] = (0.0, 1.0),
     surrogate: str = "resnet18",
@@ -113,6 +126,11 @@ def train_salm(
             pattern.
         spread: spread the class masks over ``spread`` parts per axis (``SALMTrainer(mask_spread=...)``), so that
             no single hole an attacker cuts out removes most of the pattern; 1 keeps the top k of the whole image.
+        placement: ``"salient"`` puts each class mask on the class's most salient cells, ``"least-salient"`` on its
+            least salient ones (``SALMTrainer(mask_placement=...)``).
+        pattern_lr: Adam learning rate of the learned class pattern (None: ``generator_lr``). The pattern starts
+            from random signs near saturation; at the generator's rate a 10-epoch training barely moves it, so a
+            larger rate is what lets it learn.
         image_term: ``False`` trains the learned class pattern alone, without the generator's image-dependent UNet
             term (``NoiseGenerator(image_term=False)``): cheaper to train, and a class-mask release is a lookup.
         block: side of the solid cells, in pixels/voxels, that make up the class masks and the class pattern
@@ -128,8 +146,10 @@ def train_salm(
             :class:`monai_salm.engines.FreshModelMonitor` training a fresh surrogate-architecture model for
             this many steps on up to 1024 protected training images after every epoch.
         monitor_target: stop once the fresh model's clean accuracy is at or below this.
-        robust_to: a preprocess countermeasure (e.g. ``"median"``) the surrogate sees the protected batch through in
-            half the iterations, so the noise learns to survive it (:class:`~monai_salm.engines.SALMTrainer`).
+        robust_to: countermeasures the surrogate sees the protected batch through in half the iterations, so the noise
+            learns to survive them (:class:`~monai_salm.engines.SALMTrainer`): preprocessing (e.g. ``"median"``)
+            or the attacker's own flips and shifts (``"flip,crop:2"``; see
+            :func:`~monai_salm.evaluation.countermeasures.differentiable_view`).
         amp: mixed precision (MONAI's ``amp``); ``None``: on for CUDA devices. On CUDA the loaders also pin memory
             and copies are non-blocking.
 
@@ -190,7 +210,7 @@ def train_salm(
         surrogate=net,
         generator=generator,
         surrogate_optimizer=torch.optim.SGD(net.parameters(), lr=surrogate_lr, momentum=0.9, weight_decay=5e-4),
-        generator_optimizer=torch.optim.Adam(generator.parameters(), lr=generator_lr),
+        generator_optimizer=torch.optim.Adam(_generator_groups(generator, generator_lr, pattern_lr), lr=generator_lr),
         epsilon=epsilon,
         k=k,
         value_range=value_range,
@@ -198,6 +218,7 @@ def train_salm(
         flip_symmetric=flip_symmetric,
         rotation_symmetric=rotation_symmetric,
         mask_spread=spread,
+        mask_placement=placement,
         mask_block=block,
         mask_refresh=mask_refresh,
         generator_steps=generator_steps,
@@ -205,7 +226,7 @@ def train_salm(
         stop_accuracy=stop_accuracy,
         mask_loader=DataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False, pin_memory=cuda),
         seed=seed,
-        surrogate_view=differentiable_view(robust_to) if robust_to else None,
+        surrogate_view=differentiable_view(robust_to, seed=seed) if robust_to else None,
         train_handlers=handlers if is_main() else None,
         amp=amp,
         non_blocking=cuda,

@@ -16,6 +16,7 @@ import torch
 from monai_salm.api import DEFAULTS, protect_tensor, train_salm
 from monai_salm.data import SPLITS, from_tensor, load_npz, save_npz, split_arrays, to_tensor
 from monai_salm.engines import load_protection, save_protection
+from monai_salm.engines.trainer import PLACEMENTS
 from monai_salm.engines.distributed import SharedError, barrier, distributed_context, is_main, world_size
 from monai_salm.evaluation import COUNTERMEASURES, RECIPES
 from monai_salm.networks import CLASSIFIERS
@@ -148,6 +149,8 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
         block=args.block,
         rotation_symmetric=args.rotation_symmetric,
         spread=args.spread,
+        placement=args.placement,
+        pattern_lr=args.pattern_lr,
         image_term=not args.pattern_only,
         label_conditioned=not args.no_label_conditioning,
         class_pattern=not args.no_class_pattern,
@@ -178,7 +181,8 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
             trainer.class_scores,
             extra={"train_seconds": trainer.train_seconds, "epochs_run": trainer.state.epoch, "data": str(args.data),
                    "robust_to": args.robust_to, "processes": world_size(), "spread": args.spread,
-                   "rotation_symmetric": args.rotation_symmetric},
+                   "rotation_symmetric": args.rotation_symmetric,
+                   "placement": args.placement, "pattern_lr": args.pattern_lr},
         )
     barrier()
     summary = {
@@ -410,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class mode: spread the mask over N parts per axis, taking about the same share of each (its "
                         "most salient cells first), so that one hole cut out of an image removes little of it "
                         "(default: 1, the most salient cells of the whole image)")
+    p.add_argument("--placement", choices=PLACEMENTS, default=DEFAULTS["placement"],
+                   help="class mode: put each class mask on the class's most salient cells (salient, the default) or "
+                        "on its least salient ones, where clean images carry little of what tells the classes apart")
     p.add_argument("--mask-refresh", type=int, default=DEFAULTS["mask_refresh"], help="recompute masks every N epochs")
     p.add_argument("--warmup-epochs", type=int, default=DEFAULTS["warmup_epochs"], help="clean surrogate warm-up")
     p.add_argument("--generator-steps", type=int, default=DEFAULTS["generator_steps"], help="generator steps per batch")
@@ -428,10 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern-only", action="store_true",
                    help="learned pattern without the generator's image-dependent term: each class's change is the "
                         "same for all its images, training is cheaper and a class-mask release is a lookup")
+    p.add_argument("--pattern-lr", type=float, default=DEFAULTS["pattern_lr"],
+                   help="learning rate of the learned class pattern (default: the generator's); the pattern starts "
+                        "from random signs, and at the generator's rate a short training barely moves it")
     p.add_argument("--no-class-pattern", action="store_true", help="one code per class and channel, not a spatial pattern")
     p.add_argument("--robust-to", default="",
-                   help="train through a preprocess countermeasure (e.g. median, blur, resample, bitdepth:4) applied "
-                        "to half the batches, so the protection survives it")
+                   help="train through countermeasures applied to half the batches, so the protection survives them: "
+                        "preprocessing (e.g. median, blur, resample, bitdepth:4) or the attacker's flips and shifts "
+                        "(flip, crop:P)")
     p.add_argument("--num-classes", type=int, default=0, help="default: max label + 1")
     p.add_argument("--limit", type=_count, default=0, help="use only the first N training images")
     common(p)

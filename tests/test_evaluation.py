@@ -111,6 +111,26 @@ def test_differentiable_view_gradients():
     assert torch.equal(x.grad, torch.ones_like(x))  # straight through
     with pytest.raises(ValueError, match="preprocess"):
         differentiable_view("mixup")
+    with pytest.raises(ValueError, match="flip and crop"):
+        differentiable_view("rotate")
+
+
+def test_differentiable_view_flips_and_shifts_each_sample():
+    x = torch.rand(16, 2, 6, 7, requires_grad=True)
+    out = differentiable_view("crop:2", seed=3)(x)
+    assert out.shape == x.shape
+    for sample, moved in zip(x.detach(), out.detach()):
+        padded = torch.nn.functional.pad(sample, [2, 2, 2, 2])
+        windows = [padded[:, 2 - a : 8 - a, 2 - b : 9 - b] for a in range(-2, 3) for b in range(-2, 3)]
+        assert any(torch.equal(moved, w) for w in windows)  # an integer shift of up to 2 with zero fill
+    assert len({tuple(torch.nonzero(o[0] == 0).flatten().tolist()) for o in out.detach()}) > 1  # per sample
+    out.sum().backward()
+    assert set(x.grad.unique().tolist()) <= {0.0, 1.0} and x.grad.sum() > 0  # values moved, gradients follow
+    assert torch.equal(differentiable_view("crop:2", seed=3)(x), out)  # the seed fixes the draws
+    volume = torch.rand(3, 1, 4, 5, 6)
+    assert torch.equal(differentiable_view("flip:1")(volume), volume.flip((2, 3, 4)))
+    with pytest.raises(ValueError, match="probability"):
+        differentiable_view("flip:0")
 
 
 def test_markdown_table():

@@ -8,7 +8,7 @@ from monai.data import DataLoader
 
 from monai_salm.api import make_dataset, protect_tensor, train_salm
 from monai_salm.engines import SALMTrainer, load_protection, protection_transforms, save_protection
-from monai_salm.transforms.functional import flip_average
+from monai_salm.transforms.functional import flip_average, topk_mask
 from monai_salm.networks import NoiseGenerator
 
 from conftest import TinyClassifier
@@ -166,3 +166,35 @@ def test_train_salm_robust_to_median():
     assert trainer.surrogate_view is not None and trainer.state.epoch == 1
     with pytest.raises(ValueError, match="preprocess"):
         train_salm(x, y, 2, epochs=1, surrogate=TinyClassifier(2, 1, 2), robust_to="mixup")
+
+
+def test_train_salm_through_the_attackers_flips_and_shifts_with_a_faster_pattern():
+    x, y = _data(n=16)
+    start = NoiseGenerator(2, 1, 2, pattern_size=(12, 12), pattern_cell=4, channels=(4, 8, 16)).class_code.detach()
+    runs = {}
+    for pattern_lr in (None, 0.5):
+        trainer, _ = train_salm(x, y, 2, epochs=1, warmup_epochs=0, batch_size=8, surrogate=TinyClassifier(2, 1, 2),
+                                generator_kwargs={"channels": (4, 8, 16)}, robust_to="flip,crop:2",
+                                pattern_lr=pattern_lr)
+        groups = trainer.generator_optimizer.param_groups
+        assert [g["lr"] for g in groups] == ([2e-3] if pattern_lr is None else [2e-3, 0.5])
+        runs[pattern_lr] = float((trainer.generator.class_code.detach() - start).abs().max())
+    assert runs[None] <= 2 * 2e-3 + 1e-6  # Adam moves each value by about lr per step: 2 steps
+    assert runs[0.5] > 0.5  # the pattern's own rate lets it leave its random start
+
+
+def test_least_salient_placement_takes_the_other_end_of_the_class_scores():
+    x, y = _data(n=16)
+    trainer = _trainer(x, y, mask_mode="class", k=0.25)
+    trainer.refresh_masks()
+    salient_scores, salient_masks = trainer.class_scores.clone(), trainer.class_masks.clone()
+    trainer.mask_placement = "least-salient"
+    trainer.refresh_masks()  # the same surrogate, scored again
+    low = topk_mask(-salient_scores, trainer.k).bool()
+    assert torch.equal(trainer.class_masks, low) and not (trainer.class_masks & salient_masks).any()
+    assert (trainer.class_scores >= 0).all()  # stored scores a release ranks the same way
+    assert torch.equal(topk_mask(trainer.class_scores, trainer.k).bool(), trainer.class_masks)
+    with pytest.raises(ValueError, match="placement"):
+        _trainer(x, y, mask_mode="class", mask_placement="edge")
+    with pytest.raises(ValueError, match="mask_mode='class'"):
+        _trainer(x, y, mask_mode="sample", mask_placement="least-salient")

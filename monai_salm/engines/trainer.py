@@ -29,9 +29,11 @@ from monai_salm.transforms.functional import (
     topk_mask,
 )
 
-__all__ = ["SALMTrainer", "MASK_MODES", "INDEX_KEY", "flip_average"]
+__all__ = ["SALMTrainer", "MASK_MODES", "PLACEMENTS", "INDEX_KEY", "flip_average"]
 
 MASK_MODES = ("sample", "class", "random")
+#: Where class masks sit: on the class's most salient cells (the default) or on its least salient ones.
+PLACEMENTS = ("salient", "least-salient")
 INDEX_KEY = "index"
 
 
@@ -97,6 +99,9 @@ class SALMTrainer(Trainer):
             grids), so the class masks are unchanged by rotation augmentation too.
         mask_spread: in ``"class"`` mode, rank each class score map within ``mask_spread`` parts per axis before
             the top k (:func:`regional_rank`), so the mask is spread over the image; 1: one region.
+        mask_placement: in ``"class"`` mode, ``"salient"`` puts each class mask on the class's most salient cells;
+            ``"least-salient"`` on its least salient ones (the stored class scores are turned over, so a release
+            takes the same cells), where a clean image carries little of what tells the classes apart.
         mask_block: in ``"class"`` mode, average each class score map over cells of this side before the top k,
             so the mask is made of solid blocks (which a 3x3 median filter or a small blur cannot remove)
             instead of scattered positions; 1 keeps single positions.
@@ -140,6 +145,7 @@ class SALMTrainer(Trainer):
         flip_symmetric: bool = False,
         rotation_symmetric: bool = False,
         mask_spread: int = 1,
+        mask_placement: str = "salient",
         mask_block: int = 1,
         mask_refresh: int = 1,
         generator_steps: int = 1,
@@ -160,6 +166,10 @@ class SALMTrainer(Trainer):
             raise ValueError(f"epsilon={epsilon} must be in (0, {hi - lo}] for value_range {(lo, hi)}.")
         if not isinstance(k, (int, float)) or isinstance(k, bool) or k <= 0 or (isinstance(k, float) and k > 1):
             raise ValueError(f"k must be a fraction in (0, 1] or a positive integer count, got {k!r}.")
+        if mask_placement not in PLACEMENTS:
+            raise ValueError(f"mask_placement must be one of {PLACEMENTS}, got {mask_placement!r}.")
+        if mask_placement != "salient" and mask_mode != "class":
+            raise ValueError(f"mask_placement={mask_placement!r} needs mask_mode='class', got {mask_mode!r}.")
         if int(mask_spread) < 1:
             raise ValueError(f"mask_spread must be a positive integer, got {mask_spread}.")
         super().__init__(
@@ -189,6 +199,7 @@ class SALMTrainer(Trainer):
         self.flip_symmetric = bool(flip_symmetric)
         self.rotation_symmetric = bool(rotation_symmetric)
         self.mask_spread = int(mask_spread)
+        self.mask_placement = mask_placement
         self.mask_block = int(mask_block)
         self.mask_refresh = int(mask_refresh)
         self.generator_steps = int(generator_steps)
@@ -302,6 +313,10 @@ class SALMTrainer(Trainer):
             sums, counts = _grow(sums, counts, num_classes, spatial, self.state.device)
             sums, counts = all_reduce(sums), all_reduce(counts)
         self.class_scores = (sums / counts.clamp_min(1).reshape(-1, *[1] * (sums.ndim - 1))).detach()
+        if self.mask_placement == "least-salient":
+            # still non-negative scores whose top k is the least salient cells, so a release's top k agrees
+            peak = self.class_scores.flatten(1).amax(1).reshape(-1, *[1] * (sums.ndim - 1))
+            self.class_scores = peak - self.class_scores
         if self.mask_spread > 1:
             self.class_scores = regional_rank(self.class_scores, self.mask_spread)
         if self.flip_symmetric or self.rotation_symmetric:

@@ -423,30 +423,60 @@ def preprocess(countermeasures: Sequence[Countermeasure], images: torch.Tensor) 
 _STRAIGHT_THROUGH = ("bitdepth", "jpeg")
 
 
-def differentiable_view(spec: str | Sequence[str]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A batch function applying ``"preprocess"`` countermeasures with gradients, for training SALM through them.
+#: augmentations that only move values (flips, integer shifts with zero fill): exactly differentiable per sample
+_DIFFERENTIABLE_AUGMENTS = ("flip", "crop")
+
+
+def _random_flip_shift(x: torch.Tensor, cm: Countermeasure, gen: torch.Generator) -> torch.Tensor:
+    """Per sample: a flip along each spatial axis with probability ``cm.param`` (``flip``), or a random integer
+    shift of up to ``cm.param`` positions per axis with zero fill (``crop``, as pad-and-random-crop does)."""
+    spatial_dims = x.ndim - 2
+    out = []
+    for sample in x:
+        if cm.name == "flip":
+            axes = [1 + a for a in range(spatial_dims) if float(torch.rand((), generator=gen)) < cm.param]
+            out.append(sample.flip(axes) if axes else sample)
+            continue
+        pad = int(cm.param)
+        shifts = torch.randint(-pad, pad + 1, (spatial_dims,), generator=gen).tolist()
+        padded = F.pad(sample, [pad] * (2 * spatial_dims))
+        window = [slice(pad - s, pad - s + n) for s, n in zip(shifts, sample.shape[1:])]
+        out.append(padded[(slice(None), *window)])
+    return torch.stack(out)
+
+
+def differentiable_view(spec: str | Sequence[str], seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A batch function applying countermeasures with gradients, for training SALM through them.
 
     Blur, median and resampling are differentiated as they are; bit-depth reduction and JPEG pass the gradient
-    straight through (the backward pass treats them as the identity, as in BPDA, Athalye et al. 2018).
+    straight through (the backward pass treats them as the identity, as in BPDA, Athalye et al. 2018). The
+    attacker's own augmentations ``flip`` and ``crop`` (a random shift with zero fill) move values only and are
+    applied per sample, so a generator trained through them learns a pattern that a victim still reads after
+    flipping and shifting its inputs.
 
     Args:
-        spec: preprocess countermeasures, as for :func:`parse_countermeasures` (e.g. ``"median"``).
+        spec: preprocess countermeasures, ``flip`` or ``crop``, as for :func:`parse_countermeasures` (e.g.
+            ``"median"`` or ``"flip,crop:2"``).
+        seed: seed of the flips' and shifts' draws.
 
     Returns:
         a function mapping a batch ``(B, C, *spatial)`` in [0, 1] to its squeezed view, differentiable in the batch.
 
     Raises:
-        ValueError: for unknown names, or countermeasures that are not of the ``"preprocess"`` kind.
+        ValueError: for unknown names, or countermeasures that cannot be applied with gradients.
     """
     steps = parse_countermeasures(spec)
-    if not steps or any(cm.kind != "preprocess" for cm in steps):
-        raise ValueError(
-            f"SALM can be trained through preprocess countermeasures only "
-            f"({', '.join(n for n, s in _SPECS.items() if s.kind == 'preprocess')}), got {spec!r}."
-        )
+    if not steps or any(cm.kind != "preprocess" and cm.name not in _DIFFERENTIABLE_AUGMENTS for cm in steps):
+        allowed = [n for n, s in _SPECS.items() if s.kind == "preprocess"] + list(_DIFFERENTIABLE_AUGMENTS)
+        raise ValueError(f"SALM can be trained through preprocess countermeasures and the flip and crop augmentations "
+                         f"({', '.join(allowed)}) only, got {spec!r}.")
+    gen = torch.Generator().manual_seed(int(seed))
 
     def view(x: torch.Tensor) -> torch.Tensor:
         for cm in steps:
+            if cm.name in _DIFFERENTIABLE_AUGMENTS:
+                x = _random_flip_shift(x, cm, gen)
+                continue
             y = _PREPROCESSORS[cm.name](x, cm.param).clamp(0.0, 1.0)
             x = x + (y - x).detach() if cm.name in _STRAIGHT_THROUGH else y
         return x
