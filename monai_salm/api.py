@@ -57,21 +57,13 @@ DEFAULTS: dict[str, Any] = {
     "pattern_lr": None,
     "stop_accuracy": None,
     "monitor_steps": 0,
+    "robust_to": "",
 }
 
 
 def make_dataset(images: torch.Tensor, labels: torch.Tensor) -> Dataset:
     """MONAI dataset of ``{"image", "label", "index"}`` dictionaries over in-memory tensors."""
     return Dataset([{"image": images[i], "label": labels[i], "index": i} for i in range(images.shape[0])])
-
-
-def _generator_groups(generator: NoiseGenerator, lr: float, pattern_lr: float | None) -> list[dict]:
-    """Adam parameter groups: the learned class pattern at ``pattern_lr`` (when given), the rest at ``lr``."""
-    params = [p for p in generator.parameters() if p.requires_grad]
-    code = getattr(generator, "class_code", None)
-    if pattern_lr is None or not isinstance(code, torch.nn.Parameter):
-        return [{"params": params}]
-    return [{"params": [p for p in params if p is not code]}, {"params": [code], "lr": float(pattern_lr)}]
 
 
 def train_salm(
@@ -110,7 +102,7 @@ def train_salm(
     val_labels: torch.Tensor | None = None,
     monitor_steps: int = DEFAULTS["monitor_steps"],
     monitor_target: float | None = None,
-    robust_to: str | None = None,
+    robust_to: str | None = DEFAULTS["robust_to"],
     amp: bool | None = None,
 ) -> tuple[SALMTrainer, SALMSettings]:
     """Train SALM's surrogate and generator on in-memory images.
@@ -210,7 +202,7 @@ def train_salm(
         surrogate=net,
         generator=generator,
         surrogate_optimizer=torch.optim.SGD(net.parameters(), lr=surrogate_lr, momentum=0.9, weight_decay=5e-4),
-        generator_optimizer=torch.optim.Adam(_generator_groups(generator, generator_lr, pattern_lr), lr=generator_lr),
+        generator_optimizer=torch.optim.Adam(generator.parameter_groups(pattern_lr), lr=generator_lr),
         epsilon=epsilon,
         k=k,
         value_range=value_range,

@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate of the learned class pattern (default: the generator's); the pattern starts "
                         "from random signs, and at the generator's rate a short training barely moves it")
     p.add_argument("--no-class-pattern", action="store_true", help="one code per class and channel, not a spatial pattern")
-    p.add_argument("--robust-to", default="",
+    p.add_argument("--robust-to", default=DEFAULTS["robust_to"],
                    help="train through countermeasures applied to half the batches, so the protection survives them: "
                         "preprocessing (e.g. median, blur, resample, bitdepth:4) or the attacker's flips and shifts "
                         "(flip, crop:P)")

@@ -614,3 +614,17 @@ def test_bundle_mixed_sizes_with_a_work_size(tmp_path):
     for src in sorted(data.rglob("*.png")):
         a, b = read_image(src)[0], read_image(out / src.relative_to(data))[0]
         assert a.shape == b.shape and 0 < np.abs(a - b).max() <= 20
+
+
+def test_bundle_trains_through_flips_and_shifts_with_least_salient_masks(tmp_path):
+    """The bundle's robust_to, placement and pattern_lr reach the trainer as the CLI's options do."""
+    data = make_png(tmp_path / "data")
+    bundle_root = tmp_path / "bundle"
+    train = run_workflow("train.json", "train", bundle_root=str(bundle_root), dataset_dir=str(data),
+                         robust_to="flip,crop:1", placement="least-salient", pattern_lr=0.5,
+                         **{**TINY, "val_fraction": 0.0})
+    trainer = train.trainer
+    assert trainer.surrogate_view is not None and trainer.mask_placement == "least-salient"
+    assert [g["lr"] for g in trainer.generator_optimizer.param_groups] == [TINY.get("generator_lr", 0.002), 0.5]
+    scores = load_protection(bundle_root / "models" / "model.pt")[3]
+    assert torch.equal(topk_mask(scores, trainer.k).bool(), trainer.class_masks)

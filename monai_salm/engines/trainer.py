@@ -348,10 +348,13 @@ class SALMTrainer(Trainer):
         mask = self.mask_for(idx, y)
         view = self._view()
 
-        # surrogate step: min over f of CE(f(x'), y), noise fixed
+        # surrogate step: min over f of CE(f(x'), y), noise fixed. The generator's forward pass (with its graph) is
+        # reused by the first generator step: its weights do not change in between, so the output is the same.
         self.generator.train()
-        with torch.no_grad(), self._autocast():
-            protected = perturb(x, mask, call_generator(self.generator, x, y), self.epsilon, self.value_range)
+        with torch.set_grad_enabled(self.train_generator), self._autocast():
+            raw = call_generator(self.generator_step_net if self.train_generator else self.generator, x, y)
+        with torch.no_grad():
+            protected = perturb(x, mask, raw.detach(), self.epsilon, self.value_range)
         self.surrogate.train()
         self.surrogate_optimizer.zero_grad(set_to_none=True)
         with self._autocast():
@@ -368,10 +371,11 @@ class SALMTrainer(Trainer):
             p.requires_grad_(False)
         generator_loss = torch.zeros(())
         try:
-            for _ in range(self.generator_steps if self.train_generator else 0):
+            for step in range(self.generator_steps if self.train_generator else 0):
                 self.generator_optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
-                    raw = call_generator(self.generator_step_net, x, y)
+                    if step > 0:
+                        raw = call_generator(self.generator_step_net, x, y)
                     generator_loss = F.cross_entropy(
                         self.surrogate(view(perturb(x, mask, raw, self.epsilon, self.value_range))).float(), y
                     )

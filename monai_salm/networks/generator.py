@@ -185,6 +185,21 @@ class NoiseGenerator(torch.nn.Module):
         """Whether the output depends on the images (``False``: it is the class pattern alone)."""
         return self.image_term and self.pattern_kind != "texture"
 
+    def parameter_groups(self, pattern_lr: float | None = None) -> list[dict]:
+        """Optimizer parameter groups: the learned class pattern at its own learning rate, the rest at the optimizer's.
+
+        Args:
+            pattern_lr: learning rate of the learned class pattern; None puts every parameter in one group.
+
+        Returns:
+            a list of parameter-group dictionaries for a ``torch.optim`` optimizer (trainable parameters only).
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        code = self.class_code if isinstance(getattr(self, "class_code", None), torch.nn.Parameter) else None
+        if pattern_lr is None or code is None:
+            return [{"params": params}]
+        return [{"params": [p for p in params if p is not code]}, {"params": [code], "lr": float(pattern_lr)}]
+
     def class_pattern(self) -> torch.Tensor:
         """The per-class code: ``(num_classes, C)``, or ``(num_classes, C, *pattern_size)`` for a spatial pattern."""
         code = self.class_code
