@@ -5,7 +5,7 @@ training images, so what it learns first is decided by how large each part of th
 (the clean class means) and the release's (the class means of the changes). This script prints, for every pair of
 classes of a training split, the L2 norm of both differences, in [0, 1] intensity units, as released and after the
 attacker's random shifts (each difference averaged over every shift of up to ``--shift`` pixels with zero fill, the
-expectation a shifting victim sees), the cosine between them, and the largest norm any release of the same PSNR could
+expectation a shifting victim sees), the cosine between them (with more than two classes, the median over the pairs), and the largest norm any release of the same PSNR could
 add (all of its squared error spent on one class difference). A release whose difference is small next to the
 anatomy's, or that shrinks most under the shifts, leaves a fresh victim learning the anatomy first.
 
@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("protected", help="its release (the same images, protected)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--shift", type=int, default=2, help="the attacker's largest shift in pixels (default 2)")
+    parser.add_argument("--pairs", action="store_true", help="print every pair of classes, not only the median, "
+                                                             "when there are more than three pairs")
     args = parser.parse_args()
     clean_x, labels = split_arrays(load_npz(args.clean), args.split)
     prot_x, prot_labels = split_arrays(load_npz(args.protected), args.split)
@@ -61,13 +63,17 @@ def main() -> None:
     print("| classes | anatomy | release | release / anatomy | anatomy, shifted | release, shifted | "
           "release / anatomy, shifted | cosine |")
     print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for a, b in itertools.combinations(sorted(anatomy), 2):
         d_anat, d_rel = anatomy[a] - anatomy[b], change[a] - change[b]
         s_anat, s_rel = shifted(d_anat, args.shift), shifted(d_rel, args.shift)
         n = [float(t.norm()) for t in (d_anat, d_rel, s_anat, s_rel)]
         cos = float(F.cosine_similarity(d_anat.flatten(), d_rel.flatten(), dim=0))
-        print(f"| {a}-{b} | {n[0]:.3f} | {n[1]:.3f} | {n[1] / max(n[0], 1e-12):.2f} | {n[2]:.3f} | {n[3]:.3f} | "
-              f"{n[3] / max(n[2], 1e-12):.2f} | {cos:+.3f} |")
+        rows.append((f"{a}-{b}", n[0], n[1], n[1] / max(n[0], 1e-12), n[2], n[3], n[3] / max(n[2], 1e-12), cos))
+    if len(rows) > 1:  # several classes: the median of each column over the pairs
+        rows.append(("median", *[float(torch.tensor([r[i] for r in rows]).median()) for i in range(1, 8)]))
+    for name, *v in rows if len(rows) <= 4 or args.pairs else rows[-1:]:
+        print(f"| {name} | {v[0]:.3f} | {v[1]:.3f} | {v[2]:.2f} | {v[3]:.3f} | {v[4]:.3f} | {v[5]:.2f} | {v[6]:+.3f} |")
 
 
 if __name__ == "__main__":

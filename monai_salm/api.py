@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "pattern_lr": None,
     "stop_accuracy": None,
     "monitor_steps": 0,
-    "robust_to": "",
+    "robust_to": "flip,crop:2",
 }
 
 
@@ -140,8 +140,9 @@ def train_salm(
         monitor_target: stop once the fresh model's clean accuracy is at or below this.
         robust_to: countermeasures the surrogate sees the protected batch through in half the iterations, so the noise
             learns to survive them (:class:`~monai_salm.engines.SALMTrainer`): preprocessing (e.g. ``"median"``)
-            or the attacker's own flips and shifts (``"flip,crop:2"``; see
-            :func:`~monai_salm.evaluation.countermeasures.differentiable_view`).
+            or the attacker's own flips and shifts (the default ``"flip,crop:2"``: a random flip per axis and a random
+            shift of up to 2 pixels/voxels, see :func:`~monai_salm.evaluation.countermeasures.differentiable_view`).
+            ``None`` or ``""``: none.
         amp: mixed precision (MONAI's ``amp``); ``None``: on for CUDA devices. On CUDA the loaders also pin memory
             and copies are non-blocking.
 

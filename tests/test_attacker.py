@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from monai_salm.api import protection_stats, train_salm
+from monai_salm.api import DEFAULTS, protection_stats, train_salm
 from monai_salm.cli import main
 from monai_salm.data import structural_similarity
 from monai_salm.engines import load_protection, protection_transforms
@@ -310,3 +310,22 @@ def test_protection_transforms_psnr_lowers_epsilon_only(tmp_path):
     loose = protection_transforms(ckpt, psnr=10.0).transforms[1]
     assert strict.noiser.epsilon == pytest.approx(epsilon_for_psnr(45.0, 0.1, 256))
     assert loose.noiser.epsilon == pytest.approx(8 / 255)
+
+
+def test_training_goes_through_the_attackers_flips_and_shifts_by_default(tmp_path):
+    x = torch.rand(16, 1, 12, 12)
+    y = torch.arange(16) % 2
+    trainer, _ = train_salm(x, y, 2, epochs=1, warmup_epochs=0, batch_size=8, generator_kwargs={"channels": (4, 8, 16)})
+    assert trainer.surrogate_view is not None and DEFAULTS["robust_to"] == "flip,crop:2"
+    plain, _ = train_salm(x, y, 2, epochs=1, warmup_epochs=0, batch_size=8, generator_kwargs={"channels": (4, 8, 16)},
+                          robust_to=None)
+    assert plain.surrogate_view is None
+    data = tmp_path / "d.npz"
+    make_medmnist(data, n=16, shape=(12, 12))
+    codes = {}
+    for option in ([], ["--robust-to", "none"], ["--robust-to", "NONE"]):
+        ckpt = tmp_path / f"salm{len(codes)}.pt"
+        assert main(["train", "--data", str(data), "--out", str(ckpt), "--epochs", "1", "--warmup-epochs", "0",
+                     "--batch-size", "8", "--seed", "3", "--quiet", *option]) == 0
+        codes[len(codes)] = load_protection(ckpt)[1].class_code.detach()
+    assert torch.equal(codes[1], codes[2]) and not torch.equal(codes[0], codes[1])  # "none" trains on the release
