@@ -132,7 +132,8 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
         # one epoch's cost is the difference between a 2-epoch and a 1-epoch run: the setup, the first masks and the
         # final mask refresh are paid once per run, not per epoch
         trainings = (("train", {}), ("train_texture", {"pattern": "texture"}),
-                     ("train_pattern_only", {"image_term": False}), ("train_plain", {"robust_to": None}))
+                     ("train_pattern_only", {"image_term": False}), ("train_plain", {"robust_to": None}),
+                     ("train_joint", {"joint_step": True}))
         for name, options in trainings:
             for epochs in (1, 2):
                 fns[f"{name}{epochs}"] = functools.partial(

@@ -50,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "mask_refresh": 1,
     "warmup_epochs": 1,
     "generator_steps": 1,
+    "joint_step": False,
     "epochs": 10,
     "batch_size": 128,
     "surrogate_lr": 0.01,
@@ -86,6 +87,7 @@ def train_salm(
     mask_refresh: int = DEFAULTS["mask_refresh"],
     warmup_epochs: int = DEFAULTS["warmup_epochs"],
     generator_steps: int = DEFAULTS["generator_steps"],
+    joint_step: bool = DEFAULTS["joint_step"],
     batch_size: int = DEFAULTS["batch_size"],
     surrogate_lr: float = DEFAULTS["surrogate_lr"],
     generator_lr: float = DEFAULTS["generator_lr"],
@@ -140,8 +142,9 @@ def train_salm(
         monitor_target: stop once the fresh model's clean accuracy is at or below this.
         robust_to: countermeasures the surrogate sees the protected batch through in half the iterations, so the noise
             learns to survive them (:class:`~monai_salm.engines.SALMTrainer`): preprocessing (e.g. ``"median"``)
-            or the attacker's own flips and shifts (the default ``"flip,crop:2"``: a random flip per axis and a random
-            shift of up to 2 pixels/voxels, see :func:`~monai_salm.evaluation.countermeasures.differentiable_view`).
+            or the attacker's own augmentations (the default ``"flip,crop:2"``: a random flip per axis and a random
+            shift of up to 2 pixels/voxels; also ``rotate`` and ``cutout``, see
+            :func:`~monai_salm.evaluation.countermeasures.differentiable_view`).
             ``None`` or ``""``: none.
         amp: mixed precision (MONAI's ``amp``); ``None``: on for CUDA devices. On CUDA the loaders also pin memory
             and copies are non-blocking.
@@ -215,6 +218,7 @@ def train_salm(
         mask_block=block,
         mask_refresh=mask_refresh,
         generator_steps=generator_steps,
+        joint_step=joint_step,
         warmup_epochs=warmup_epochs,
         stop_accuracy=stop_accuracy,
         mask_loader=DataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False, pin_memory=cuda),

@@ -158,6 +158,7 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
         mask_refresh=args.mask_refresh,
         warmup_epochs=args.warmup_epochs,
         generator_steps=args.generator_steps,
+        joint_step=args.joint_step,
         batch_size=args.batch_size,
         stop_accuracy=args.stop_accuracy,
         seed=args.seed,
@@ -182,7 +183,7 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
             extra={"train_seconds": trainer.train_seconds, "epochs_run": trainer.state.epoch, "data": str(args.data),
                    "robust_to": args.robust_to, "processes": world_size(), "spread": args.spread,
                    "rotation_symmetric": args.rotation_symmetric,
-                   "placement": args.placement, "pattern_lr": args.pattern_lr},
+                   "placement": args.placement, "pattern_lr": args.pattern_lr, "joint_step": args.joint_step},
         )
     barrier()
     summary = {
@@ -420,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-refresh", type=int, default=DEFAULTS["mask_refresh"], help="recompute masks every N epochs")
     p.add_argument("--warmup-epochs", type=int, default=DEFAULTS["warmup_epochs"], help="clean surrogate warm-up")
     p.add_argument("--generator-steps", type=int, default=DEFAULTS["generator_steps"], help="generator steps per batch")
+    p.add_argument("--joint-step", action="store_true",
+                   help="update surrogate and generator from one backward pass per batch instead of one step each "
+                        "(one surrogate pass fewer per batch)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
                    help="the global batch: under torchrun it is split evenly over the processes")
     p.add_argument("--surrogate", default="resnet18", choices=CLASSIFIERS, help="surrogate network (default: resnet18)")
@@ -442,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--robust-to", default=DEFAULTS["robust_to"],
                    help="train through countermeasures applied to half the batches, so the protection survives them: "
                         "preprocessing (e.g. median, blur, resample, bitdepth:4) and the attacker's flips and shifts "
-                        f"(flip, crop:P); default {DEFAULTS['robust_to']} (a random flip per axis and a shift of up to 2 "
+                        f"(flip, crop:P, rotate:DEGREES, cutout:SIZE); default {DEFAULTS['robust_to']} (a random flip per axis and a shift of up to 2 "
                         "pixels, as a competent attacker augments); none: train on the release as it is")
     p.add_argument("--num-classes", type=int, default=0, help="default: max label + 1")
     p.add_argument("--limit", type=_count, default=0, help="use only the first N training images")

@@ -111,8 +111,34 @@ def test_differentiable_view_gradients():
     assert torch.equal(x.grad, torch.ones_like(x))  # straight through
     with pytest.raises(ValueError, match="preprocess"):
         differentiable_view("mixup")
-    with pytest.raises(ValueError, match="flip and crop"):
-        differentiable_view("rotate")
+    with pytest.raises(ValueError, match="flip, crop, rotate and cutout"):
+        differentiable_view("gamma")
+
+
+def test_differentiable_view_rotates_each_sample():
+    x = torch.rand(32, 1, 9, 9, requires_grad=True)
+    out = differentiable_view("rotate:15", seed=1)(x)
+    turned = [k for sample, moved in zip(x.detach(), out.detach())
+              for k in range(4) if torch.equal(moved, torch.rot90(sample, k, dims=(-2, -1)))]
+    assert 4 <= len(turned) <= 28 and any(k > 0 for k in turned)  # no small rotation drawn: a pure quarter turn
+    out.sum().backward()
+    assert x.grad.abs().sum() > 0
+    wide = torch.rand(32, 1, 6, 9)
+    out = differentiable_view("rotate:15", seed=1)(wide)
+    assert out.shape == wide.shape  # a non-square plane turns by half turns only
+    assert any(torch.equal(m, s.flip((-2, -1))) for s, m in zip(wide, out))
+    assert differentiable_view("rotate:15", seed=2)(torch.rand(3, 1, 5, 6, 6)).shape == (3, 1, 5, 6, 6)
+
+
+def test_differentiable_view_cuts_one_hole_per_sample():
+    x = (0.1 + torch.rand(8, 2, 10, 12)).requires_grad_()
+    out = differentiable_view("cutout:0.5", seed=0)(x)
+    holes = (out.detach() == 0)
+    assert all(int(h.sum()) == 2 * 5 * 6 for h in holes)  # half of each side, every channel
+    assert len({tuple(h.nonzero()[0].tolist()) for h in holes}) > 1  # placed per sample
+    out.sum().backward()
+    assert torch.equal(x.grad == 0, holes)
+    assert all(int(h.sum()) == 2 * 3 * 3 for h in differentiable_view("cutout:3")(x.detach()) == 0)
 
 
 def test_differentiable_view_flips_and_shifts_each_sample():

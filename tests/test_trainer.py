@@ -198,3 +198,25 @@ def test_least_salient_placement_takes_the_other_end_of_the_class_scores():
         _trainer(x, y, mask_mode="class", mask_placement="edge")
     with pytest.raises(ValueError, match="mask_mode='class'"):
         _trainer(x, y, mask_mode="sample", mask_placement="least-salient")
+
+
+def test_joint_step_updates_both_networks_from_one_surrogate_pass():
+    """One surrogate forward per iteration instead of two; its surrogate update is the alternating one's (same noise,
+    same batch), and the generator learns from the same loss."""
+    x, y = _data()
+    runs = {}
+    for joint in (False, True):
+        trainer = _trainer(x, y, max_epochs=1, epoch_length=1, mask_refresh=0, joint_step=joint)
+        g0 = [p.detach().clone() for p in trainer.generator.parameters()]
+        calls = []
+        trainer.surrogate.register_forward_hook(lambda *_: calls.append(trainer.state.iteration))
+        trainer.run()
+        runs[joint] = trainer
+        assert calls.count(1) == (1 if joint else 2)  # the mask pass before the first iteration counts as 0
+        assert any(not torch.equal(a, b) for a, b in zip(g0, trainer.generator.parameters()))
+        if joint:  # one loss for both networks
+            assert trainer.state.output[0]["generator_loss"] == pytest.approx(trainer.state.output[0]["loss"])
+    for a, b in zip(runs[False].surrogate.parameters(), runs[True].surrogate.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(runs[False].generator.parameters(),
+                                                         runs[True].generator.parameters()))

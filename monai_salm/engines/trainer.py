@@ -61,7 +61,8 @@ class SALMTrainer(Trainer):
     surrogate's cross-entropy on protected images ``x' = clip(x + M * eps * tanh(G(x, y)))``.
 
     Each iteration takes one batch and runs one surrogate step followed by ``generator_steps``
-    generator steps. Masks are (re)computed from the surrogate's saliency before the first epoch and
+    generator steps (or, with ``joint_step``, one step of both networks on one backward pass, then the remaining
+    ``generator_steps - 1`` generator steps). Masks are (re)computed from the surrogate's saliency before the first epoch and
     every ``mask_refresh`` epochs (after re-estimating batch-norm statistics on clean images). The run
     stops when the surrogate's running accuracy on protected images reaches ``stop_accuracy`` (after
     ``min_epochs``) or at ``max_epochs``.
@@ -107,6 +108,10 @@ class SALMTrainer(Trainer):
             instead of scattered positions; 1 keeps single positions.
         mask_refresh: recompute masks every this many epochs (0: only before the first epoch).
         generator_steps: generator steps per iteration.
+        joint_step: update the surrogate and the generator from one forward and backward pass through both (both
+            minimise the same loss, so one pass gives each its gradient; the generator's is taken at the surrogate's
+            weights before their update), instead of a surrogate step followed by a generator step. Saves one
+            surrogate forward and backward pass per iteration.
         warmup_epochs: epochs of surrogate training on clean images before min-min starts.
         stop_accuracy: stop when the protected-data accuracy of an epoch reaches it (None: never).
         min_epochs: do not stop before this many epochs.
@@ -149,6 +154,7 @@ class SALMTrainer(Trainer):
         mask_block: int = 1,
         mask_refresh: int = 1,
         generator_steps: int = 1,
+        joint_step: bool = False,
         warmup_epochs: int = 0,
         stop_accuracy: float | None = 0.99,
         min_epochs: int = 1,
@@ -203,6 +209,7 @@ class SALMTrainer(Trainer):
         self.mask_block = int(mask_block)
         self.mask_refresh = int(mask_refresh)
         self.generator_steps = int(generator_steps)
+        self.joint_step = bool(joint_step)
         self.warmup_epochs = int(warmup_epochs)
         self.stop_accuracy = stop_accuracy
         self.min_epochs = int(min_epochs)
@@ -341,15 +348,10 @@ class SALMTrainer(Trainer):
             return lambda t: t
         return self.surrogate_view
 
-    def _iteration(self, engine: Engine, batchdata: dict) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        x, y, idx = self._unpack(batchdata)
-        mask = self.mask_for(idx, y)
-        view = self._view()
-
-        # surrogate step: min over f of CE(f(x'), y), noise fixed. The generator's forward pass (with its graph) is
-        # reused by the first generator step: its weights do not change in between, so the output is the same.
+    def _surrogate_step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, view: Callable) -> tuple:
+        """min over f of CE(f(x'), y), noise fixed. Returns the protected batch, the logits, the loss and the
+        generator's output with its graph, which the first generator step reuses: the generator's weights do not
+        change in between, so its output is the same."""
         self.generator.train()
         with torch.set_grad_enabled(self.train_generator), self._autocast():
             raw = call_generator(self.generator_step_net if self.train_generator else self.generator, x, y)
@@ -363,15 +365,47 @@ class SALMTrainer(Trainer):
         self.surrogate_scaler.scale(loss).backward()
         self.surrogate_scaler.step(self.surrogate_optimizer)
         self.surrogate_scaler.update()
+        return protected, logits, loss.detach(), raw
+
+    def _joint_step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, view: Callable) -> tuple:
+        """min over f and G of CE(f(x'), y) from one backward pass; one gradient scaler serves both optimizers.
+        Returns the protected batch (detached), the logits and the loss."""
+        self.generator.train()
+        self.surrogate.train()
+        self.surrogate_optimizer.zero_grad(set_to_none=True)
+        self.generator_optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            protected = perturb(x, mask, call_generator(self.generator_step_net, x, y), self.epsilon,
+                                self.value_range)
+            logits = self.surrogate_step_net(view(protected))
+            loss = F.cross_entropy(logits.float(), y)
+        self.surrogate_scaler.scale(loss).backward()
+        self.surrogate_scaler.step(self.surrogate_optimizer)
+        self.surrogate_scaler.step(self.generator_optimizer)
+        self.surrogate_scaler.update()
+        return protected.detach(), logits, loss.detach()
+
+    def _iteration(self, engine: Engine, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        x, y, idx = self._unpack(batchdata)
+        mask = self.mask_for(idx, y)
+        view = self._view()
+
+        joint = self.joint_step and self.train_generator
+        if joint:
+            protected, logits, loss = self._joint_step(x, y, mask, view)
+        else:
+            protected, logits, loss, raw = self._surrogate_step(x, y, mask, view)
 
         # generator steps: min over G of CE(f(x'), y), surrogate fixed
         params = list(self.surrogate.parameters())
         flags = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(False)
-        generator_loss = torch.zeros(())
+        generator_loss = loss if joint else torch.zeros(())
         try:
-            for step in range(self.generator_steps if self.train_generator else 0):
+            for step in range(int(joint), self.generator_steps if self.train_generator else 0):
                 self.generator_optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
                     if step > 0:

@@ -45,6 +45,8 @@ from monai.transforms import (
     Resize,
     ScaleIntensityRanged,
 )
+from monai.networks.layers import AffineTransform
+from monai.transforms.utils import create_rotate
 from monai.utils import convert_to_tensor, optional_import
 
 from monai_salm.transforms.functional import preserve_model_state
@@ -423,26 +425,64 @@ def preprocess(countermeasures: Sequence[Countermeasure], images: torch.Tensor) 
 _STRAIGHT_THROUGH = ("bitdepth", "jpeg")
 
 
-#: augmentations that only move values (flips, integer shifts with zero fill): exactly differentiable per sample
-_DIFFERENTIABLE_AUGMENTS = ("flip", "crop")
+#: augmentations applied per sample with gradients: flips, integer shifts and quarter turns move values, the small
+#: rotation interpolates bilinearly (differentiable), cutout zeroes a hole (the gradient is zero there)
+_DIFFERENTIABLE_AUGMENTS = ("flip", "crop", "rotate", "cutout")
 
 
-def _random_flip_shift(x: torch.Tensor, cm: Countermeasure, gen: torch.Generator) -> torch.Tensor:
-    """Per sample: a flip along each spatial axis with probability ``cm.param`` (``flip``), or a random integer
-    shift of up to ``cm.param`` positions per axis with zero fill (``crop``, as pad-and-random-crop does)."""
-    spatial_dims = x.ndim - 2
-    out = []
-    for sample in x:
-        if cm.name == "flip":
-            axes = [1 + a for a in range(spatial_dims) if float(torch.rand((), generator=gen)) < cm.param]
-            out.append(sample.flip(axes) if axes else sample)
-            continue
-        pad = int(cm.param)
-        shifts = torch.randint(-pad, pad + 1, (spatial_dims,), generator=gen).tolist()
-        padded = F.pad(sample, [pad] * (2 * spatial_dims))
-        window = [slice(pad - s, pad - s + n) for s, n in zip(shifts, sample.shape[1:])]
-        out.append(padded[(slice(None), *window)])
-    return torch.stack(out)
+def _random_flip_shift(sample: torch.Tensor, cm: Countermeasure, gen: torch.Generator) -> torch.Tensor:
+    """A flip along each spatial axis with probability ``cm.param`` (``flip``), or a random integer shift of up to
+    ``cm.param`` positions per axis with zero fill (``crop``, as pad-and-random-crop does), of one ``(C, *spatial)``
+    sample."""
+    spatial_dims = sample.ndim - 1
+    if cm.name == "flip":
+        axes = [1 + a for a in range(spatial_dims) if float(torch.rand((), generator=gen)) < cm.param]
+        return sample.flip(axes) if axes else sample
+    pad = int(cm.param)
+    shifts = torch.randint(-pad, pad + 1, (spatial_dims,), generator=gen).tolist()
+    padded = F.pad(sample, [pad] * (2 * spatial_dims))
+    window = [slice(pad - s, pad - s + n) for s, n in zip(shifts, sample.shape[1:])]
+    return padded[(slice(None), *window)]
+
+
+def _random_rotation(sample: torch.Tensor, max_degrees: float, gen: torch.Generator) -> torch.Tensor:
+    """The ``rotate`` countermeasure's draws on one ``(C, *spatial)`` sample: with probability :data:`AUGMENT_PROB` a
+    quarter turn (1-3 turns in the in-plane axes, the last two; a half turn when they differ in size), then with
+    probability :data:`AUGMENT_PROB` a rotation by up to ``max_degrees`` about every axis (in-plane only in 2D),
+    bilinear with zero fill about the centre, as :class:`monai.transforms.RandRotated` does."""
+    if float(torch.rand((), generator=gen)) < AUGMENT_PROB:
+        turns = int(torch.randint(1, 4, (), generator=gen)) if sample.shape[-1] == sample.shape[-2] else 2
+        sample = torch.rot90(sample, turns, dims=(-2, -1))
+    if float(torch.rand((), generator=gen)) >= AUGMENT_PROB:
+        return sample
+    spatial_dims = sample.ndim - 1
+    limit = math.radians(max_degrees)
+    angles = ((torch.rand(1 if spatial_dims == 2 else 3, generator=gen) * 2 - 1) * limit).tolist()
+    theta = create_rotate(spatial_dims, angles, device=sample.device, backend="torch").to(sample.dtype)
+    rotate = AffineTransform(normalized=False, zero_centered=True, mode="bilinear", padding_mode="zeros")
+    return rotate(sample[None], theta[None])[0]
+
+
+def _random_cutout(sample: torch.Tensor, size: float, gen: torch.Generator) -> torch.Tensor:
+    """One zero-filled hole in one ``(C, *spatial)`` sample, its side a fraction (``size < 1``) or a number of
+    positions (``size >= 1``) of each side, placed uniformly where it fits, as the ``cutout`` countermeasure does."""
+    keep = torch.ones_like(sample)
+    window = [slice(None)]
+    for n in sample.shape[1:]:
+        side = max(1, round(size * n)) if size < 1 else min(int(size), n)
+        start = int(torch.randint(0, n - side + 1, (), generator=gen))
+        window.append(slice(start, start + side))
+    keep[tuple(window)] = 0
+    return sample * keep
+
+
+def _random_augment(x: torch.Tensor, cm: Countermeasure, gen: torch.Generator) -> torch.Tensor:
+    """One of :data:`_DIFFERENTIABLE_AUGMENTS` drawn and applied per sample of a batch ``(B, C, *spatial)``."""
+    if cm.name == "rotate":
+        return torch.stack([_random_rotation(sample, cm.param, gen) for sample in x])
+    if cm.name == "cutout":
+        return torch.stack([_random_cutout(sample, cm.param, gen) for sample in x])
+    return torch.stack([_random_flip_shift(sample, cm, gen) for sample in x])
 
 
 def differentiable_view(spec: str | Sequence[str], seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -450,14 +490,14 @@ def differentiable_view(spec: str | Sequence[str], seed: int = 0) -> Callable[[t
 
     Blur, median and resampling are differentiated as they are; bit-depth reduction and JPEG pass the gradient
     straight through (the backward pass treats them as the identity, as in BPDA, Athalye et al. 2018). The
-    attacker's own augmentations ``flip`` and ``crop`` (a random shift with zero fill) move values only and are
-    applied per sample, so a generator trained through them learns a pattern that a victim still reads after
-    flipping and shifting its inputs.
+    attacker's augmentations ``flip``, ``crop`` (a random shift with zero fill), ``rotate`` (quarter turns and a small
+    bilinear rotation) and ``cutout`` (a zero-filled hole) are drawn per sample as the victim's transforms draw them,
+    so a generator trained through them learns a pattern that a victim still reads after augmenting its inputs.
 
     Args:
-        spec: preprocess countermeasures, ``flip`` or ``crop``, as for :func:`parse_countermeasures` (e.g.
-            ``"median"`` or ``"flip,crop:2"``).
-        seed: seed of the flips' and shifts' draws.
+        spec: preprocess countermeasures and ``flip``, ``crop``, ``rotate`` or ``cutout``, as for
+            :func:`parse_countermeasures` (e.g. ``"median"`` or ``"flip,crop:2"``).
+        seed: seed of the augmentations' draws.
 
     Returns:
         a function mapping a batch ``(B, C, *spatial)`` in [0, 1] to its squeezed view, differentiable in the batch.
@@ -468,14 +508,14 @@ def differentiable_view(spec: str | Sequence[str], seed: int = 0) -> Callable[[t
     steps = parse_countermeasures(spec)
     if not steps or any(cm.kind != "preprocess" and cm.name not in _DIFFERENTIABLE_AUGMENTS for cm in steps):
         allowed = [n for n, s in _SPECS.items() if s.kind == "preprocess"] + list(_DIFFERENTIABLE_AUGMENTS)
-        raise ValueError(f"SALM can be trained through preprocess countermeasures and the flip and crop augmentations "
-                         f"({', '.join(allowed)}) only, got {spec!r}.")
+        raise ValueError(f"SALM can be trained through preprocess countermeasures and the flip, crop, rotate and cutout "
+                         f"augmentations ({', '.join(allowed)}) only, got {spec!r}.")
     gen = torch.Generator().manual_seed(int(seed))
 
     def view(x: torch.Tensor) -> torch.Tensor:
         for cm in steps:
             if cm.name in _DIFFERENTIABLE_AUGMENTS:
-                x = _random_flip_shift(x, cm, gen)
+                x = _random_augment(x, cm, gen)
                 continue
             y = _PREPROCESSORS[cm.name](x, cm.param).clamp(0.0, 1.0)
             x = x + (y - x).detach() if cm.name in _STRAIGHT_THROUGH else y
