@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from monai.data import DataLoader
 
 from monai_salm.api import make_dataset, protect_tensor, train_salm
 from monai_salm.engines import SALMTrainer, load_protection, protection_transforms, save_protection
-from monai_salm.transforms.functional import flip_average, topk_mask
+from monai_salm.transforms.functional import flip_average, recalibrate_batchnorm, saliency_scores, topk_mask
 from monai_salm.networks import NoiseGenerator
 
 from conftest import TinyClassifier
@@ -220,3 +222,29 @@ def test_joint_step_updates_both_networks_from_one_surrogate_pass():
         assert torch.allclose(a, b, atol=1e-6)
     assert any(not torch.allclose(a, b) for a, b in zip(runs[False].generator.parameters(),
                                                          runs[True].generator.parameters()))
+
+
+@pytest.mark.parametrize("n", [32, 33])
+def test_mask_refresh_scores_and_recalibrates_in_one_pass(n):
+    """One surrogate pass per clean batch gives the masks and the running statistics recalibrate_batchnorm gives,
+    and a lone last image is scored with the statistics gathered before it."""
+    x, y = _data(n=n)
+    mask_loader = DataLoader(make_dataset(x, y), batch_size=16, shuffle=False)
+    trainer = _trainer(x, y, mask_mode="sample", mask_loader=mask_loader)
+    with torch.no_grad():  # statistics a training run would leave behind
+        trainer.surrogate.train()(x[:8] * 3)
+    expected = copy.deepcopy(trainer.surrogate)
+    recalibrate_batchnorm(expected, [x[i:i + 16] for i in range(0, n, 16)])
+    calls = []
+    handle = trainer.surrogate.register_forward_hook(lambda *_: calls.append(1))
+    trainer.refresh_masks()
+    handle.remove()
+    assert len(calls) == len(mask_loader)
+    bn, ref = trainer.surrogate.net[1], expected.net[1]
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert bn.momentum == ref.momentum == 0.1 and trainer.surrogate.training
+    for i in range(0, n, 16):  # batch statistics; running statistics for the lone image
+        lone = x[i:i + 16].shape[0] < 2
+        scores = saliency_scores(copy.deepcopy(expected), x[i:i + 16], y[i:i + 16], eval_mode=lone)
+        assert torch.equal(trainer.masks[i:i + 16], topk_mask(scores, 0.2).bool())

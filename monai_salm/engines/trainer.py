@@ -18,12 +18,12 @@ from torch.utils.data import DataLoader
 
 from monai_salm.engines.distributed import all_reduce, average_buffers, gather, is_main, unwrap, world_size, wrap_ddp
 from monai_salm.transforms.functional import (
+    batchnorm_statistics,
     block_average,
     call_generator,
     flip_average,
     mixed_precision,
     perturb,
-    recalibrate_batchnorm,
     regional_rank,
     saliency_scores,
     topk_mask,
@@ -63,7 +63,8 @@ class SALMTrainer(Trainer):
     Each iteration takes one batch and runs one surrogate step followed by ``generator_steps``
     generator steps (or, with ``joint_step``, one step of both networks on one backward pass, then the remaining
     ``generator_steps - 1`` generator steps). Masks are (re)computed from the surrogate's saliency before the first epoch and
-    every ``mask_refresh`` epochs (after re-estimating batch-norm statistics on clean images). The run
+    every ``mask_refresh`` epochs from clean images, each batch scored with its own batch-norm statistics while the
+    running statistics are re-estimated on the same batches. The run
     stops when the surrogate's running accuracy on protected images reaches ``stop_accuracy`` (after
     ``min_epochs``) or at ``max_epochs``.
 
@@ -272,9 +273,16 @@ class SALMTrainer(Trainer):
         y = batch[Keys.LABEL].to(self.state.device, non_blocking=self.non_blocking).long().reshape(-1)
         return x, y, batch[INDEX_KEY].long().reshape(-1)
 
-    def _recalibrate_batchnorm(self) -> None:
-        """Re-estimate the surrogate's batch-norm running statistics on clean images (averaged over processes)."""
-        recalibrate_batchnorm(self.surrogate, (self._unpack(batch)[0] for batch in self.shard_loader))
+    def _clean_saliency(self):
+        """``(scores, labels, indices)`` of every batch of this process's shard of clean images, scored with each
+        batch's own batch-norm statistics; the same pass re-estimates the surrogate's running statistics on them
+        (averaged over processes once the pass is done). A lone last image is scored with the statistics gathered
+        up to it."""
+        with batchnorm_statistics(self.surrogate):
+            for batch in self.shard_loader:
+                x, y, idx = self._unpack(batch)
+                lone = x.shape[0] < 2  # batch norm has no statistics of one image
+                yield saliency_scores(self.surrogate, x, y, eval_mode=True if lone else None), y, idx
         average_buffers(self.surrogate)
 
     def refresh_masks(self) -> None:
@@ -294,11 +302,8 @@ class SALMTrainer(Trainer):
                 masks.append(topk_mask(torch.rand(x.shape[0], *x.shape[2:], generator=gen), self.k).bool())
             self.masks = torch.cat(masks).to(self.state.device)
             return
-        self._recalibrate_batchnorm()
         indices, sample_masks, sums, counts = [], [], None, None
-        for batch in self.shard_loader:
-            x, y, idx = self._unpack(batch)
-            scores = saliency_scores(self.surrogate, x, y, eval_mode=True)
+        for scores, y, idx in self._clean_saliency():
             if self.mask_mode == "sample":
                 indices.append(idx.cpu())
                 sample_masks.append(topk_mask(scores, self.k).bool().cpu())

@@ -28,6 +28,7 @@ __all__ = [
     "mixed_precision",
     "preserve_model_state",
     "recalibrate_batchnorm",
+    "batchnorm_statistics",
 ]
 
 
@@ -117,34 +118,51 @@ class preserve_model_state:
 
 
 @torch.no_grad()
+class batchnorm_statistics(preserve_model_state):
+    """Context manager in which a model's forward passes re-estimate its batch-norm running statistics.
+
+    On entry the running statistics are reset and every batch-norm layer set to accumulate a cumulative average of
+    the batches it sees, in train mode (each batch is normalised with its own statistics); the other layers are set
+    to eval mode. On exit the momenta and every train/eval flag are restored. A forward pass inside needs a batch of
+    two or more.
+    """
+
+    def __enter__(self):
+        super().__enter__()
+        self.model.eval()
+        self.bns = [m for m in self.model.modules()
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self.momenta = [m.momentum for m in self.bns]
+        for m in self.bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, momentum in zip(self.bns, self.momenta):
+            m.momentum = momentum
+        return super().__exit__(*exc)
+
+
 def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Re-estimate a model's batch-norm running statistics on ``batches`` (cumulative average).
 
-    Running statistics are reset and recomputed in train mode over every batch of two or more images, then momenta
-    and the model's train/eval flags are restored.
+    Running statistics are reset and recomputed over every batch of two or more images
+    (:class:`batchnorm_statistics`), then momenta and the model's train/eval flags are restored.
 
     Args:
         model: the network.
         batches: input batches, already on the model's device.
     """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    with preserve_model_state(model):
-        model.train()
+    with batchnorm_statistics(model), torch.no_grad():
         for x in batches:
             if x.shape[0] > 1:  # a lone last image has no batch statistics (batch norm refuses it)
                 model(x)
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
 
 
 def saliency_scores(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eval_mode: bool = True
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, eval_mode: bool | None = True
 ) -> torch.Tensor:
     """Per-position saliency ``sum_c |d CE(model(x), y) / d x|``.
 
@@ -152,7 +170,8 @@ def saliency_scores(
         model: classifier returning logits ``(B, num_classes)``.
         images: ``(B, C, *spatial)`` float tensor.
         labels: ``(B,)`` integer class indices.
-        eval_mode: run the model in eval mode (batch-norm running statistics) while scoring.
+        eval_mode: run the model in eval mode (batch-norm running statistics) while scoring; ``False``: in train
+            mode; ``None``: in the modes its layers are in (e.g. inside :class:`batchnorm_statistics`).
 
     Returns:
         ``(B, *spatial)`` non-negative float tensor. The model's mode, ``requires_grad`` flags and
@@ -160,7 +179,8 @@ def saliency_scores(
     """
     x = images.detach().float().clone().requires_grad_(True)
     with preserve_model_state(model), torch.enable_grad():
-        model.train(not eval_mode)
+        if eval_mode is not None:
+            model.train(not eval_mode)
         for p in model.parameters():
             p.requires_grad_(False)
         logits = model(x)
