@@ -44,6 +44,20 @@ def test_perturb_bounded_and_mask_restricted():
     assert (diff > 0).any()
 
 
+def test_batchnorm_statistics_sets_only_batch_norm_to_train_mode():
+    from monai_salm.transforms.functional import batchnorm_statistics
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2, momentum=0.3), torch.nn.Dropout(0.5))
+    net.train()
+    x = torch.randn(6, 1, 5, 5)
+    with batchnorm_statistics(net):
+        assert net[1].training and not net[0].training and not net[2].training and net[1].momentum is None
+        out = net(x)
+    torch.testing.assert_close(net[1].running_mean, net[0](x).mean(dim=(0, 2, 3)))
+    assert int((out == 0).sum()) < out.numel() // 4  # no dropout while the statistics are gathered
+    assert net[1].momentum == 0.3 and all(m.training for m in net.modules())
+
+
 def test_recalibrate_batchnorm_skips_a_lone_last_image():
     from monai_salm.transforms.functional import recalibrate_batchnorm
 

@@ -117,7 +117,6 @@ class preserve_model_state:
         return False
 
 
-@torch.no_grad()
 class batchnorm_statistics(preserve_model_state):
     """Context manager in which a model's forward passes re-estimate its batch-norm running statistics.
 
