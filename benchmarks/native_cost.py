@@ -374,17 +374,18 @@ def em_table(data: str, limit: int) -> list[dict]:
     x, y = to_tensor(images[:limit]), torch.from_numpy(labels[:limit]).long()
     num_classes = int(labels.max()) + 1
     salm = {}
-    for pattern in ("learned", "texture"):
+    for name, options in (("learned", {}), ("texture", {"pattern": "texture"}), ("joint", {"joint_step": True})):
         start = time.perf_counter()
-        trainer, settings = train_salm(x, y, num_classes, epsilon=DEFAULTS["epsilon"], pattern=pattern)
+        trainer, settings = train_salm(x, y, num_classes, epsilon=DEFAULTS["epsilon"], **options)
         protect_tensor(x, y, settings, trainer.generator, trainer.surrogate, trainer.class_scores)
-        salm[pattern] = time.perf_counter() - start
+        salm[name] = time.perf_counter() - start
     start = time.perf_counter()
     _, info = error_minimizing_noise(x, y, num_classes, DEFAULTS["epsilon"])
     em = time.perf_counter() - start
     row = {"data": Path(data).name, "images": len(y), "salm_s": salm["learned"], "salm_texture_s": salm["texture"],
            "em_s": em, "em_rounds": info.get("rounds"), "em_over_salm": em / salm["learned"],
-           "em_over_salm_texture": em / salm["texture"]}
+           "em_over_salm_texture": em / salm["texture"], "salm_joint_s": salm["joint"],
+           "em_over_salm_joint": em / salm["joint"]}
     print_row(row)
     return [row]
 

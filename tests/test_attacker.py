@@ -152,6 +152,10 @@ def test_structural_similarity():
     assert structural_similarity(clean, noisy) < structural_similarity(clean, mild) < 1.0
     volumes = rng.integers(0, 256, (2, 12, 12, 12), dtype=np.uint8)
     assert structural_similarity(volumes, volumes) == pytest.approx(1.0)
+    mild_volumes = np.clip(volumes.astype(int) + rng.integers(-4, 5, volumes.shape), 0, 255).astype(np.uint8)
+    # the mean over images does not depend on how many go through the metric at once
+    assert structural_similarity(volumes, mild_volumes, batch_size=1) == pytest.approx(
+        structural_similarity(volumes, mild_volumes))
 
 
 def test_evaluate_reports_selection_release_and_readers(tmp_path):

@@ -81,13 +81,14 @@ def is_rgb(images: np.ndarray) -> bool:
     return images.ndim == 4 and images.shape[-1] == 3
 
 
-def structural_similarity(clean: np.ndarray, protected: np.ndarray, batch_size: int = 512) -> float:
+def structural_similarity(clean: np.ndarray, protected: np.ndarray, batch_size: int | None = None) -> float:
     """Mean SSIM (MONAI ``SSIMMetric``, Gaussian window of 7, sigma 1.5) between two MedMNIST arrays, in [0, 1] units.
 
     Args:
         clean: original array (``(N,H,W)``, ``(N,H,W,3)`` or ``(N,D,H,W)``; uint8 or float in [0, 1]).
         protected: the protected copy, same shape and dtype.
-        batch_size: images per metric call.
+        batch_size: images per metric call; by default as many as make up about 16 million pixels/voxels (at most
+            512), so the metric's intermediate maps stay near 1 GB whatever the image size.
 
     Returns:
         the SSIM averaged over channels and images (1.0 for identical arrays).
@@ -95,6 +96,8 @@ def structural_similarity(clean: np.ndarray, protected: np.ndarray, batch_size: 
     from monai.metrics import SSIMMetric
 
     a, b = to_tensor(clean), to_tensor(protected)
+    if batch_size is None:
+        batch_size = max(1, min(512, (1 << 24) // max(1, a[0].numel())))
     metric = SSIMMetric(spatial_dims=a.ndim - 2, data_range=1.0, win_size=7)
     values = [metric(b[i : i + batch_size], a[i : i + batch_size]).flatten() for i in range(0, len(a), batch_size)]
     return float(torch.cat(values).mean()) if values else 1.0
