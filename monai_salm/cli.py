@@ -445,9 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-class-pattern", action="store_true", help="one code per class and channel, not a spatial pattern")
     p.add_argument("--robust-to", default=DEFAULTS["robust_to"],
                    help="train through countermeasures applied to half the batches, so the protection survives them: "
-                        "preprocessing (e.g. median, blur, resample, bitdepth:4) and the attacker's flips and shifts "
-                        f"(flip, crop:P, rotate:DEGREES, cutout:SIZE); default {DEFAULTS['robust_to']} (a random flip per axis and a shift of up to 2 "
-                        "pixels, as a competent attacker augments); none: train on the release as it is")
+                        "preprocessing (e.g. median, blur, resample, bitdepth:4) and the attacker's augmentations "
+                        f"(flip, crop:P, rotate:DEGREES, cutout:SIZE); default {DEFAULTS['robust_to']} (a random flip "
+                        "per axis and a shift of up to 2 pixels, as a competent attacker augments); none: train on the "
+                        "release as it is")
     p.add_argument("--num-classes", type=int, default=0, help="default: max label + 1")
     p.add_argument("--limit", type=_count, default=0, help="use only the first N training images")
     common(p)

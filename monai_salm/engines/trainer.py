@@ -62,11 +62,10 @@ class SALMTrainer(Trainer):
 
     Each iteration takes one batch and runs one surrogate step followed by ``generator_steps``
     generator steps (or, with ``joint_step``, one step of both networks on one backward pass, then the remaining
-    ``generator_steps - 1`` generator steps). Masks are (re)computed from the surrogate's saliency before the first epoch and
-    every ``mask_refresh`` epochs from clean images, each batch scored with its own batch-norm statistics while the
-    running statistics are re-estimated on the same batches. The run
-    stops when the surrogate's running accuracy on protected images reaches ``stop_accuracy`` (after
-    ``min_epochs``) or at ``max_epochs``.
+    ``generator_steps - 1`` generator steps). Masks are (re)computed from the surrogate's saliency before the first
+    epoch and every ``mask_refresh`` epochs from clean images, each batch scored with its own batch-norm statistics
+    while the running statistics are re-estimated on the same batches. The run stops when the surrogate's running
+    accuracy on protected images reaches ``stop_accuracy`` (after ``min_epochs``) or at ``max_epochs``.
 
     Under ``torch.distributed`` (e.g. launched by ``torchrun``) the networks are wrapped in
     :class:`~torch.nn.parallel.DistributedDataParallel` for their training steps (or may be passed wrapped), so their
@@ -398,8 +397,9 @@ class SALMTrainer(Trainer):
         view = self._view()
 
         joint = self.joint_step and self.train_generator
-        if joint:
+        if joint:  # any further generator step makes its own generator output
             protected, logits, loss = self._joint_step(x, y, mask, view)
+            raw = None
         else:
             protected, logits, loss, raw = self._surrogate_step(x, y, mask, view)
 

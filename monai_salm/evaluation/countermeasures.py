@@ -429,6 +429,9 @@ _STRAIGHT_THROUGH = ("bitdepth", "jpeg")
 #: rotation interpolates bilinearly (differentiable), cutout zeroes a hole (the gradient is zero there)
 _DIFFERENTIABLE_AUGMENTS = ("flip", "crop", "rotate", "cutout")
 
+#: the ``rotate`` view's small rotation: bilinear, zero fill, about the centre, in voxel units
+_SMALL_ROTATION = AffineTransform(normalized=False, zero_centered=True, mode="bilinear", padding_mode="zeros")
+
 
 def _random_flip_shift(sample: torch.Tensor, cm: Countermeasure, gen: torch.Generator) -> torch.Tensor:
     """A flip along each spatial axis with probability ``cm.param`` (``flip``), or a random integer shift of up to
@@ -459,8 +462,7 @@ def _random_rotation(sample: torch.Tensor, max_degrees: float, gen: torch.Genera
     limit = math.radians(max_degrees)
     angles = ((torch.rand(1 if spatial_dims == 2 else 3, generator=gen) * 2 - 1) * limit).tolist()
     theta = create_rotate(spatial_dims, angles, device=sample.device, backend="torch").to(sample.dtype)
-    rotate = AffineTransform(normalized=False, zero_centered=True, mode="bilinear", padding_mode="zeros")
-    return rotate(sample[None], theta[None])[0]
+    return _SMALL_ROTATION(sample[None], theta[None])[0]
 
 
 def _random_cutout(sample: torch.Tensor, size: float, gen: torch.Generator) -> torch.Tensor:
@@ -508,8 +510,8 @@ def differentiable_view(spec: str | Sequence[str], seed: int = 0) -> Callable[[t
     steps = parse_countermeasures(spec)
     if not steps or any(cm.kind != "preprocess" and cm.name not in _DIFFERENTIABLE_AUGMENTS for cm in steps):
         allowed = [n for n, s in _SPECS.items() if s.kind == "preprocess"] + list(_DIFFERENTIABLE_AUGMENTS)
-        raise ValueError(f"SALM can be trained through preprocess countermeasures and the flip, crop, rotate and cutout "
-                         f"augmentations ({', '.join(allowed)}) only, got {spec!r}.")
+        raise ValueError(f"SALM can be trained through preprocess countermeasures and the flip, crop, rotate and "
+                         f"cutout augmentations ({', '.join(allowed)}) only, got {spec!r}.")
     gen = torch.Generator().manual_seed(int(seed))
 
     def view(x: torch.Tensor) -> torch.Tensor:

@@ -117,6 +117,12 @@ class preserve_model_state:
         return False
 
 
+def _tracking_batchnorms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The batch-norm layers of ``model`` that keep running statistics."""
+    batchnorm = torch.nn.modules.batchnorm._BatchNorm
+    return [m for m in model.modules() if isinstance(m, batchnorm) and m.track_running_stats]
+
+
 class batchnorm_statistics(preserve_model_state):
     """Context manager in which a model's forward passes re-estimate its batch-norm running statistics.
 
@@ -129,8 +135,7 @@ class batchnorm_statistics(preserve_model_state):
     def __enter__(self):
         super().__enter__()
         self.model.eval()
-        self.bns = [m for m in self.model.modules()
-                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self.bns = _tracking_batchnorms(self.model)
         self.momenta = [m.momentum for m in self.bns]
         for m in self.bns:
             m.reset_running_stats()
@@ -154,6 +159,8 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches: Iterable[torch.Tensor
         model: the network.
         batches: input batches, already on the model's device.
     """
+    if not _tracking_batchnorms(model):
+        return
     with batchnorm_statistics(model), torch.no_grad():
         for x in batches:
             if x.shape[0] > 1:  # a lone last image has no batch statistics (batch norm refuses it)
