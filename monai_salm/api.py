@@ -51,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 1,
     "generator_steps": 1,
     "joint_step": False,
+    "adversarial_radius": 0.0,
+    "adversarial_steps": 2,
     "epochs": 10,
     "batch_size": 128,
     "surrogate_lr": 0.01,
@@ -88,6 +90,8 @@ def train_salm(
     warmup_epochs: int = DEFAULTS["warmup_epochs"],
     generator_steps: int = DEFAULTS["generator_steps"],
     joint_step: bool = DEFAULTS["joint_step"],
+    adversarial_radius: float = DEFAULTS["adversarial_radius"],
+    adversarial_steps: int = DEFAULTS["adversarial_steps"],
     batch_size: int = DEFAULTS["batch_size"],
     surrogate_lr: float = DEFAULTS["surrogate_lr"],
     generator_lr: float = DEFAULTS["generator_lr"],
@@ -133,6 +137,9 @@ def train_salm(
             training image size (``NoiseGenerator(pattern_size=...)``) instead of one code per channel.
         pattern: the kind of that class pattern: ``"learned"`` (cells of learnable values) or ``"texture"`` (a fixed
             stripe or checkerboard texture per class, ``NoiseGenerator(pattern_kind=...)``).
+        adversarial_radius, adversarial_steps: train against a robust surrogate, adding to each protected batch a
+            PGD change of this L-inf radius and step count that raises its loss (``SALMTrainer(adversarial_radius=...,
+            adversarial_steps=...)``); 0 turns it off.
         stop_accuracy: stop when the surrogate's protected accuracy reaches it (None: run all epochs).
         progress: show an Ignite progress bar.
         val_images, val_labels: clean held-out data for the fresh-model monitor.
@@ -219,6 +226,8 @@ def train_salm(
         mask_refresh=mask_refresh,
         generator_steps=generator_steps,
         joint_step=joint_step,
+        adversarial_radius=adversarial_radius,
+        adversarial_steps=adversarial_steps,
         warmup_epochs=warmup_epochs,
         stop_accuracy=stop_accuracy,
         mask_loader=DataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False, pin_memory=cuda),

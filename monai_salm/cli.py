@@ -159,6 +159,8 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
         warmup_epochs=args.warmup_epochs,
         generator_steps=args.generator_steps,
         joint_step=args.joint_step,
+        adversarial_radius=args.adversarial_radius,
+        adversarial_steps=args.adversarial_steps,
         batch_size=args.batch_size,
         stop_accuracy=args.stop_accuracy,
         seed=args.seed,
@@ -183,7 +185,8 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
             extra={"train_seconds": trainer.train_seconds, "epochs_run": trainer.state.epoch, "data": str(args.data),
                    "robust_to": args.robust_to, "processes": world_size(), "spread": args.spread,
                    "rotation_symmetric": args.rotation_symmetric,
-                   "placement": args.placement, "pattern_lr": args.pattern_lr, "joint_step": args.joint_step},
+                   "placement": args.placement, "pattern_lr": args.pattern_lr, "joint_step": args.joint_step,
+                   "adversarial_radius": args.adversarial_radius, "adversarial_steps": args.adversarial_steps},
         )
     barrier()
     summary = {
@@ -424,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--joint-step", action="store_true",
                    help="update surrogate and generator from one backward pass per batch instead of one step each "
                         "(one surrogate pass fewer per batch)")
+    p.add_argument("--adversarial-radius", type=_eps, default=DEFAULTS["adversarial_radius"],
+                   help="train against a robust surrogate: add to each protected batch a PGD change of this L-inf "
+                        "radius (e.g. 2/255) that raises the surrogate's loss, so the noise stays a shortcut for an "
+                        "attacker who trains adversarially (default 0: off)")
+    p.add_argument("--adversarial-steps", type=int, default=DEFAULTS["adversarial_steps"],
+                   help="PGD steps of --adversarial-radius (each one more surrogate pass per batch)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
                    help="the global batch: under torchrun it is split evenly over the processes")
     p.add_argument("--surrogate", default="resnet18", choices=CLASSIFIERS, help="surrogate network (default: resnet18)")

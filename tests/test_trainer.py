@@ -224,6 +224,50 @@ def test_joint_step_updates_both_networks_from_one_surrogate_pass():
                                                          runs[True].generator.parameters()))
 
 
+@pytest.mark.parametrize("joint", [False, True])
+def test_adversarial_surrogate_sees_protected_batch_plus_bounded_loss_raising_change(joint):
+    """With adversarial_radius the surrogate and generator steps see x' + r, |r| <= radius, r raising the surrogate's
+    loss; each PGD step is one more surrogate pass."""
+    x, y = _data()
+    radius, steps = 4 / 255, 3
+    trainer = _trainer(x, y, max_epochs=1, epoch_length=1, mask_refresh=0, adversarial_radius=radius,
+                       adversarial_steps=steps, joint_step=joint)
+    shifts, seen, checking = [], [], []
+    compute = trainer._adversarial_shift
+
+    def record(protected, labels):
+        shift = compute(protected, labels)
+        checking.append(True)  # the check's own passes are not the trainer's
+        with torch.no_grad():
+            model = copy.deepcopy(trainer.surrogate).eval()
+            before = torch.nn.functional.cross_entropy(model(protected), labels)
+            after = torch.nn.functional.cross_entropy(model(protected + shift), labels)
+        checking.clear()
+        shifts.append((protected.detach().clone(), shift, float(before), float(after)))
+        return shift
+
+    def hook(module, inputs, _):
+        if not checking:
+            seen.append((trainer.state.iteration, module.training, inputs[0].detach().clone()))
+
+    trainer._adversarial_shift = record
+    trainer.surrogate.register_forward_hook(hook)
+    trainer.run()
+    (protected, shift, before, after), = shifts
+    assert 0 < float(shift.abs().max()) <= radius + 1e-6
+    assert ((protected + shift) >= 0).all() and ((protected + shift) <= 1).all()
+    assert after > before
+    first = [(training, inp) for it, training, inp in seen if it == 1]
+    assert len(first) == steps + (1 if joint else 2)
+    assert sum(not training for training, _ in first) == steps  # PGD runs the surrogate in eval mode
+    for _, inp in (f for f in first if f[0]):  # every training pass reads the shifted batch
+        assert torch.allclose(inp, protected + shift, atol=1e-6)
+    with pytest.raises(ValueError, match="adversarial_radius"):
+        _trainer(x, y, adversarial_radius=-0.1)
+    with pytest.raises(ValueError, match="value_range"):
+        _trainer(x, y, adversarial_radius=0.01, value_range=(-1.0, 1.0))
+
+
 @pytest.mark.parametrize("n", [32, 33])
 def test_mask_refresh_scores_and_recalibrates_in_one_pass(n):
     """One surrogate pass per clean batch gives the masks and the running statistics recalibrate_batchnorm gives,

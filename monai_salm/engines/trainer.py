@@ -17,6 +17,7 @@ from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
 from monai_salm.engines.distributed import all_reduce, average_buffers, gather, is_main, unwrap, world_size, wrap_ddp
+from monai_salm.evaluation.countermeasures import pgd_attack
 from monai_salm.transforms.functional import (
     batchnorm_statistics,
     block_average,
@@ -112,6 +113,13 @@ class SALMTrainer(Trainer):
             minimise the same loss, so one pass gives each its gradient; the generator's is taken at the surrogate's
             weights before their update), instead of a surrogate step followed by a generator step. Saves one
             surrogate forward and backward pass per iteration.
+        adversarial_radius: train against a robust surrogate (as REM does): each iteration adds to the protected
+            batch an L-inf PGD perturbation of this radius that raises the surrogate's loss, in the surrogate and
+            the generator steps alike, so the generator has to find noise that stays a shortcut for a surrogate
+            trained adversarially, as an attacker's may be; 0 (the default) turns it off. Needs ``value_range``
+            ``(0, 1)``.
+        adversarial_steps: PGD steps of that perturbation (step size ``2.5 * radius / steps``); each costs one more
+            surrogate forward and backward pass per iteration.
         warmup_epochs: epochs of surrogate training on clean images before min-min starts.
         stop_accuracy: stop when the protected-data accuracy of an epoch reaches it (None: never).
         min_epochs: do not stop before this many epochs.
@@ -155,6 +163,8 @@ class SALMTrainer(Trainer):
         mask_refresh: int = 1,
         generator_steps: int = 1,
         joint_step: bool = False,
+        adversarial_radius: float = 0.0,
+        adversarial_steps: int = 2,
         warmup_epochs: int = 0,
         stop_accuracy: float | None = 0.99,
         min_epochs: int = 1,
@@ -176,6 +186,11 @@ class SALMTrainer(Trainer):
             raise ValueError(f"mask_placement must be one of {PLACEMENTS}, got {mask_placement!r}.")
         if mask_placement != "salient" and mask_mode != "class":
             raise ValueError(f"mask_placement={mask_placement!r} needs mask_mode='class', got {mask_mode!r}.")
+        if float(adversarial_radius) < 0 or int(adversarial_steps) < 1:
+            raise ValueError(f"adversarial_radius must be >= 0 and adversarial_steps >= 1, got {adversarial_radius} "
+                             f"and {adversarial_steps}.")
+        if float(adversarial_radius) > 0 and (lo, hi) != (0.0, 1.0):
+            raise ValueError(f"adversarial_radius needs value_range (0, 1), got {(lo, hi)}.")
         if int(mask_spread) < 1:
             raise ValueError(f"mask_spread must be a positive integer, got {mask_spread}.")
         super().__init__(
@@ -210,6 +225,8 @@ class SALMTrainer(Trainer):
         self.mask_refresh = int(mask_refresh)
         self.generator_steps = int(generator_steps)
         self.joint_step = bool(joint_step)
+        self.adversarial_radius = float(adversarial_radius)
+        self.adversarial_steps = int(adversarial_steps)
         self.warmup_epochs = int(warmup_epochs)
         self.stop_accuracy = stop_accuracy
         self.min_epochs = int(min_epochs)
@@ -352,42 +369,56 @@ class SALMTrainer(Trainer):
             return lambda t: t
         return self.surrogate_view
 
+    def _adversarial_shift(self, protected: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
+        """The detached PGD change (radius ``adversarial_radius``) that raises the surrogate's loss on the protected
+        batch, or 0 when adversarial training is off."""
+        if self.adversarial_radius <= 0:
+            return 0.0
+        step = 2.5 * self.adversarial_radius / self.adversarial_steps
+        with self._autocast():
+            attacked = pgd_attack(self.surrogate, protected.detach(), y, self.adversarial_radius,
+                                  self.adversarial_steps, step)
+        return (attacked.float() - protected.detach()).detach()
+
     def _surrogate_step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, view: Callable) -> tuple:
-        """min over f of CE(f(x'), y), noise fixed. Returns the protected batch, the logits, the loss and the
-        generator's output with its graph, which the first generator step reuses: the generator's weights do not
-        change in between, so its output is the same."""
+        """min over f of CE(f(x' + r), y), noise fixed, with ``r`` the adversarial shift (0 when off). Returns the
+        protected batch, the logits, the loss, the generator's output with its graph, which the first generator step
+        reuses (the generator's weights do not change in between, so its output is the same), and the shift."""
         self.generator.train()
         with torch.set_grad_enabled(self.train_generator), self._autocast():
             raw = call_generator(self.generator_step_net if self.train_generator else self.generator, x, y)
         with torch.no_grad():
             protected = perturb(x, mask, raw.detach(), self.epsilon, self.value_range)
+        shift = self._adversarial_shift(protected, y)
         self.surrogate.train()
         self.surrogate_optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            logits = self.surrogate_step_net(view(protected))
+            logits = self.surrogate_step_net(view(protected + shift))
             loss = F.cross_entropy(logits.float(), y)
         self.surrogate_scaler.scale(loss).backward()
         self.surrogate_scaler.step(self.surrogate_optimizer)
         self.surrogate_scaler.update()
-        return protected, logits, loss.detach(), raw
+        return protected, logits, loss.detach(), raw, shift
 
     def _joint_step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, view: Callable) -> tuple:
         """min over f and G of CE(f(x'), y) from one backward pass; one gradient scaler serves both optimizers.
-        Returns the protected batch (detached), the logits and the loss."""
+        Returns the protected batch (detached), the logits, the loss and the adversarial shift (0 when off)."""
         self.generator.train()
+        with self._autocast():
+            protected = perturb(x, mask, call_generator(self.generator_step_net, x, y), self.epsilon,
+                                self.value_range)
+        shift = self._adversarial_shift(protected, y)
         self.surrogate.train()
         self.surrogate_optimizer.zero_grad(set_to_none=True)
         self.generator_optimizer.zero_grad(set_to_none=True)
         with self._autocast():
-            protected = perturb(x, mask, call_generator(self.generator_step_net, x, y), self.epsilon,
-                                self.value_range)
-            logits = self.surrogate_step_net(view(protected))
+            logits = self.surrogate_step_net(view(protected + shift))
             loss = F.cross_entropy(logits.float(), y)
         self.surrogate_scaler.scale(loss).backward()
         self.surrogate_scaler.step(self.surrogate_optimizer)
         self.surrogate_scaler.step(self.generator_optimizer)
         self.surrogate_scaler.update()
-        return protected.detach(), logits, loss.detach()
+        return protected.detach(), logits, loss.detach(), shift
 
     def _iteration(self, engine: Engine, batchdata: dict) -> dict:
         if batchdata is None:
@@ -398,10 +429,10 @@ class SALMTrainer(Trainer):
 
         joint = self.joint_step and self.train_generator
         if joint:  # any further generator step makes its own generator output
-            protected, logits, loss = self._joint_step(x, y, mask, view)
+            protected, logits, loss, shift = self._joint_step(x, y, mask, view)
             raw = None
         else:
-            protected, logits, loss, raw = self._surrogate_step(x, y, mask, view)
+            protected, logits, loss, raw, shift = self._surrogate_step(x, y, mask, view)
 
         # generator steps: min over G of CE(f(x'), y), surrogate fixed
         params = list(self.surrogate.parameters())
@@ -416,7 +447,7 @@ class SALMTrainer(Trainer):
                     if step > 0:
                         raw = call_generator(self.generator_step_net, x, y)
                     generator_loss = F.cross_entropy(
-                        self.surrogate(view(perturb(x, mask, raw, self.epsilon, self.value_range))).float(), y
+                        self.surrogate(view(perturb(x, mask, raw, self.epsilon, self.value_range) + shift)).float(), y
                     )
                 self.generator_scaler.scale(generator_loss).backward()
                 self.generator_scaler.step(self.generator_optimizer)
