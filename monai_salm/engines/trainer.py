@@ -17,7 +17,7 @@ from monai.utils import CommonKeys as Keys
 from torch.utils.data import DataLoader
 
 from monai_salm.engines.distributed import all_reduce, average_buffers, gather, is_main, unwrap, world_size, wrap_ddp
-from monai_salm.evaluation.countermeasures import pgd_attack
+from monai_salm.evaluation.countermeasures import ADVERSARIAL_STEP_FACTOR, pgd_attack
 from monai_salm.transforms.functional import (
     batchnorm_statistics,
     block_average,
@@ -118,8 +118,8 @@ class SALMTrainer(Trainer):
             the generator steps alike, so the generator has to find noise that stays a shortcut for a surrogate
             trained adversarially, as an attacker's may be; 0 (the default) turns it off. Needs ``value_range``
             ``(0, 1)``.
-        adversarial_steps: PGD steps of that perturbation (step size ``2.5 * radius / steps``); each costs one more
-            surrogate forward and backward pass per iteration.
+        adversarial_steps: PGD steps of that perturbation (step size ``2.5 * radius / steps``, as the evaluation's
+            PGD attacker); each costs one more surrogate forward and backward pass per iteration.
         warmup_epochs: epochs of surrogate training on clean images before min-min starts.
         stop_accuracy: stop when the protected-data accuracy of an epoch reaches it (None: never).
         min_epochs: do not stop before this many epochs.
@@ -374,11 +374,10 @@ class SALMTrainer(Trainer):
         batch, or 0 when adversarial training is off."""
         if self.adversarial_radius <= 0:
             return 0.0
-        step = 2.5 * self.adversarial_radius / self.adversarial_steps
+        step = ADVERSARIAL_STEP_FACTOR * self.adversarial_radius / self.adversarial_steps
         with self._autocast():
-            attacked = pgd_attack(self.surrogate, protected.detach(), y, self.adversarial_radius,
-                                  self.adversarial_steps, step)
-        return (attacked.float() - protected.detach()).detach()
+            attacked = pgd_attack(self.surrogate, protected, y, self.adversarial_radius, self.adversarial_steps, step)
+        return attacked - protected.detach()  # pgd_attack returns a detached batch
 
     def _surrogate_step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, view: Callable) -> tuple:
         """min over f of CE(f(x' + r), y), noise fixed, with ``r`` the adversarial shift (0 when off). Returns the
