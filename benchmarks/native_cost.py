@@ -4,6 +4,7 @@ Every table prints medians of repeated runs measured side by side in one process
 process per case, so each peak is its own). Ratios, not absolute times, are what carry over to other machines.
 
     python benchmarks/native_cost.py floor            # release (per mode) and training per image vs the floor
+    python benchmarks/native_cost.py train_batch      # training per image at the default batch (128) vs the floor
     python benchmarks/native_cost.py sizes            # class-mask release time and peak memory against native size
     python benchmarks/native_cost.py files            # 512x512x300 CT (NIfTI, DICOM series), 2048^2 radiograph
     python benchmarks/native_cost.py train_sizes      # training time/memory at a fixed working grid vs native size
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from monai_salm.api import DEFAULTS, make_dataset, protect_tensor, train_salm
-from monai_salm.engines import SALMSettings, save_protection
+from monai_salm.engines import SALMSettings, load_protection, save_protection
 from monai_salm.networks import NoiseGenerator, build_classifier
 from monai_salm.transforms.functional import call_generator
 
@@ -97,18 +98,43 @@ def make_checkpoint(path: Path, work: tuple[int, ...], mask_mode: str = "class",
     return save_protection(path, settings, generator, surrogate, scores)
 
 
+def _floor_fn(surrogate, generator, x, y):
+    """One surrogate forward+backward (to the input) and one generator forward on the batch ``x``."""
+    def floor():
+        xx = x.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(surrogate(xx), y)
+        torch.autograd.grad(loss, xx)
+        with torch.no_grad():
+            call_generator(generator, x, y)
+
+    return floor
+
+
+def _training_fns(size, batch: int, train_images: int, trainings, device: str) -> dict:
+    """One 1-epoch and one 2-epoch training per case, so one epoch's cost is the difference: the setup, the first
+    masks and the final mask refresh are paid once per run, not per epoch."""
+    images, labels = torch.rand(train_images, 1, *size), torch.randint(0, 2, (train_images,))
+    return {f"{name}{epochs}": functools.partial(
+        train_salm, images, labels, 2, epochs=epochs, warmup_epochs=0, batch_size=batch,
+        epsilon=DEFAULTS["epsilon"], device=device, **options) for name, options in trainings for epochs in (1, 2)}
+
+
+def _training_columns(row: dict, seconds: dict, trainings, train_images: int, floor_s: float) -> None:
+    for name, _ in trainings:
+        epoch_s = seconds[f"{name}2"] - seconds[f"{name}1"]
+        row[f"{name}_ms_per_image_epoch"] = 1000 * epoch_s / train_images
+        row[f"{name}_x_floor"] = epoch_s / train_images / floor_s
+
+
 def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train_images: int = 32,
                 device: str = "cpu") -> list[dict]:
     """Release per mask mode and training per image-epoch, as ratios to the floor, at the working grid's size."""
     rows = []
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for size in sizes:
-        dims = len(size)
         tmp = Path(tempfile.mkdtemp())
         x = torch.rand(batch, 1, *size, device=device)
         y = torch.randint(0, 2, (batch,), device=device)
-        from monai_salm.engines import load_protection
-
         loaded = {mode: load_protection(make_checkpoint(tmp / f"{mode}.pt", size, mode), device)
                   for mode in ("class", "sample")}
         loaded["class_texture"] = load_protection(make_checkpoint(tmp / "texture.pt", size, "class", pattern="texture"),
@@ -116,39 +142,46 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
         loaded["class_pattern_only"] = load_protection(
             make_checkpoint(tmp / "pattern_only.pt", size, "class", image_term=False), device)
         settings, generator, surrogate, _ = loaded["sample"]
-
-        def floor():
-            xx = x.clone().requires_grad_(True)
-            loss = torch.nn.functional.cross_entropy(surrogate(xx), y)
-            torch.autograd.grad(loss, xx)
-            with torch.no_grad():
-                call_generator(generator, x, y)
-
-        fns = {"floor": floor}
+        fns = {"floor": _floor_fn(surrogate, generator, x, y)}
         for mode, (s, g, sur, scores) in loaded.items():
             fns[f"release_{mode}"] = functools.partial(protect_tensor, x, y, s, g, sur, scores, batch_size=batch,
                                                        device=device)
-        images, labels = torch.rand(train_images, 1, *size), torch.randint(0, 2, (train_images,))
-        # one epoch's cost is the difference between a 2-epoch and a 1-epoch run: the setup, the first masks and the
-        # final mask refresh are paid once per run, not per epoch
         trainings = (("train", {}), ("train_texture", {"pattern": "texture"}),
                      ("train_pattern_only", {"image_term": False}), ("train_plain", {"robust_to": None}),
                      ("train_joint", {"joint_step": True}))
-        for name, options in trainings:
-            for epochs in (1, 2):
-                fns[f"{name}{epochs}"] = functools.partial(
-                    train_salm, images, labels, 2, epochs=epochs, warmup_epochs=0, batch_size=batch,
-                    epsilon=DEFAULTS["epsilon"], device=device, **options)
+        fns.update(_training_fns(size, batch, train_images, trainings, device))
         seconds = interleaved_median_seconds({name: _synced(fn, sync) for name, fn in fns.items()}, repeats=5)
         floor_s = seconds["floor"] / batch
         row = {"size": "x".join(map(str, size)), "batch": batch, "floor_ms": 1000 * floor_s}
         for mode in loaded:
             row[f"release_{mode}_ms"] = 1000 * seconds[f"release_{mode}"] / batch
             row[f"release_{mode}_x_floor"] = seconds[f"release_{mode}"] / batch / floor_s
-        for name, _ in trainings:
-            epoch_s = seconds[f"{name}2"] - seconds[f"{name}1"]
-            row[f"{name}_ms_per_image_epoch"] = 1000 * epoch_s / train_images
-            row[f"{name}_x_floor"] = epoch_s / train_images / floor_s
+        _training_columns(row, seconds, trainings, train_images, floor_s)
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
+def train_batch_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = DEFAULTS["batch_size"],
+                      repeats: int = 3, device: str = "cpu") -> list[dict]:
+    """Training per image-epoch at the default batch (two batches per epoch), default and joint step, against the
+    floor at that batch: the per-batch costs (optimizer steps, engine events) are shared by as many images as in a
+    real training, where the floor table's batch of 16 shares them by 16."""
+    rows = []
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    trainings = (("train", {}), ("train_joint", {"joint_step": True}))
+    for size in sizes:
+        _, generator, surrogate, _ = load_protection(
+            make_checkpoint(Path(tempfile.mkdtemp()) / "sample.pt", size, "sample"), device)
+        x = torch.rand(batch, 1, *size, device=device)
+        y = torch.randint(0, 2, (batch,), device=device)
+        fns = {"floor": _floor_fn(surrogate, generator, x, y)}
+        fns.update(_training_fns(size, batch, 2 * batch, trainings, device))
+        seconds = interleaved_median_seconds({name: _synced(fn, sync) for name, fn in fns.items()}, repeats=repeats,
+                                             warmup=0)
+        floor_s = seconds["floor"] / batch
+        row = {"size": "x".join(map(str, size)), "batch": batch, "floor_ms": 1000 * floor_s}
+        _training_columns(row, seconds, trainings, 2 * batch, floor_s)
         rows.append(row)
         print_row(row)
     return rows
@@ -429,7 +462,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tables", nargs="+",
-                        choices=("floor", "sizes", "files", "reorder", "train_sizes", "decode", "em", "all"))
+                        choices=("floor", "train_batch", "sizes", "files", "reorder", "train_sizes", "decode", "em", "all"))
     parser.add_argument("--device", default="cpu", help="torch device of the floor and sizes tables")
     parser.add_argument("--data", default="../shared/data/breastmnist_28.npz", help="em: MedMNIST .npz")
     parser.add_argument("--limit", type=int, default=256, help="em: training images used")
@@ -437,7 +470,8 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="sizes: write the cost/memory figure here")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    tables = {"floor": lambda: floor_table(device=args.device), "sizes": lambda: sizes_table(args.device),
+    tables = {"floor": lambda: floor_table(device=args.device),
+              "train_batch": lambda: train_batch_table(device=args.device), "sizes": lambda: sizes_table(args.device),
               "files": files_table, "reorder": reorder_table, "train_sizes": train_sizes_table, "decode": decode_table,
               "em": lambda: em_table(args.data, args.limit)}
     results = {}
