@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monai_salm.api import DEFAULTS, make_dataset, protect_tensor, train_salm
+from monai_salm.api import DEFAULTS, protect_tensor, train_salm
 from monai_salm.engines import SALMSettings, load_protection, save_protection
 from monai_salm.networks import NoiseGenerator, build_classifier
 from monai_salm.transforms.functional import call_generator
@@ -130,7 +130,6 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
                 device: str = "cpu") -> list[dict]:
     """Release per mask mode and training per image-epoch, as ratios to the floor, at the working grid's size."""
     rows = []
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for size in sizes:
         tmp = Path(tempfile.mkdtemp())
         x = torch.rand(batch, 1, *size, device=device)
@@ -141,7 +140,7 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
                                                   device)
         loaded["class_pattern_only"] = load_protection(
             make_checkpoint(tmp / "pattern_only.pt", size, "class", image_term=False), device)
-        settings, generator, surrogate, _ = loaded["sample"]
+        _, generator, surrogate, _ = loaded["sample"]
         fns = {"floor": _floor_fn(surrogate, generator, x, y)}
         for mode, (s, g, sur, scores) in loaded.items():
             fns[f"release_{mode}"] = functools.partial(protect_tensor, x, y, s, g, sur, scores, batch_size=batch,
@@ -150,9 +149,8 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
                      ("train_pattern_only", {"image_term": False}), ("train_plain", {"robust_to": None}),
                      ("train_joint", {"joint_step": True}))
         fns.update(_training_fns(size, batch, train_images, trainings, device))
-        seconds = interleaved_median_seconds({name: _synced(fn, sync) for name, fn in fns.items()}, repeats=5)
-        floor_s = seconds["floor"] / batch
-        row = {"size": "x".join(map(str, size)), "batch": batch, "floor_ms": 1000 * floor_s}
+        seconds = _device_rounds(fns, device, repeats=5)
+        row, floor_s = _floor_row(size, batch, seconds)
         for mode in loaded:
             row[f"release_{mode}_ms"] = 1000 * seconds[f"release_{mode}"] / batch
             row[f"release_{mode}_x_floor"] = seconds[f"release_{mode}"] / batch / floor_s
@@ -168,7 +166,6 @@ def train_batch_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = DEF
     floor at that batch: the per-batch costs (optimizer steps, engine events) are shared by as many images as in a
     real training, where the floor table's batch of 16 shares them by 16."""
     rows = []
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     trainings = (("train", {}), ("train_joint", {"joint_step": True}))
     for size in sizes:
         _, generator, surrogate, _ = load_protection(
@@ -177,21 +174,31 @@ def train_batch_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = DEF
         y = torch.randint(0, 2, (batch,), device=device)
         fns = {"floor": _floor_fn(surrogate, generator, x, y)}
         fns.update(_training_fns(size, batch, 2 * batch, trainings, device))
-        seconds = interleaved_median_seconds({name: _synced(fn, sync) for name, fn in fns.items()}, repeats=repeats,
-                                             warmup=0)
-        floor_s = seconds["floor"] / batch
-        row = {"size": "x".join(map(str, size)), "batch": batch, "floor_ms": 1000 * floor_s}
+        seconds = _device_rounds(fns, device, repeats=repeats, warmup=0)
+        row, floor_s = _floor_row(size, batch, seconds)
         _training_columns(row, seconds, trainings, 2 * batch, floor_s)
         rows.append(row)
         print_row(row)
     return rows
 
 
-def _synced(fn, sync):
-    def run():
-        fn()
-        sync()
-    return run
+def _device_rounds(fns: dict, device: str, repeats: int, warmup: int = 1) -> dict:
+    """``interleaved_median_seconds`` of ``fns``, each call waiting for the GPU's queued work on CUDA."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def synced(fn):
+        def run():
+            fn()
+            sync()
+        return run
+
+    return interleaved_median_seconds({name: synced(fn) for name, fn in fns.items()}, repeats=repeats, warmup=warmup)
+
+
+def _floor_row(size: tuple[int, ...], batch: int, seconds: dict) -> tuple[dict, float]:
+    """A table row started with the floor's time per image, and that time in seconds."""
+    floor_s = seconds["floor"] / batch
+    return {"size": "x".join(map(str, size)), "batch": batch, "floor_ms": 1000 * floor_s}, floor_s
 
 
 def child(task: str, arg: str, device: str = "cpu") -> dict:
@@ -204,8 +211,6 @@ def child(task: str, arg: str, device: str = "cpu") -> dict:
 
 
 def _release_case(native: tuple[int, ...], work: tuple[int, ...], device: str = "cpu", repeats: int = 3) -> dict:
-    from monai_salm.engines import load_protection
-
     tmp = Path(tempfile.mkdtemp())
     settings, generator, surrogate, scores = load_protection(make_checkpoint(tmp / "c.pt", work), device)
     x = torch.rand(1, 1, *native)
@@ -244,7 +249,7 @@ def sizes_table(device: str = "cpu") -> list[dict]:
 def _write_ct(root: Path, shape=(512, 512, 300), kind: str = "nifti") -> Path:
     """A synthetic int16 CT-like volume (body ellipse in air) in one class folder, as NIfTI or a DICOM series."""
     rng = np.random.default_rng(0)
-    zz, yy, xx = np.ogrid[: shape[2], : shape[1], : shape[0]]
+    _, yy, xx = np.ogrid[: shape[2], : shape[1], : shape[0]]
     body = ((xx - shape[0] / 2) / (0.4 * shape[0])) ** 2 + ((yy - shape[1] / 2) / (0.3 * shape[1])) ** 2 < 1
     vol = np.where(body, 40, -1000).astype(np.int16).transpose(2, 1, 0)  # (x, y, z)
     vol = np.broadcast_to(vol, shape).copy()
