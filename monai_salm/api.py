@@ -48,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "class_pattern": True,
     "pattern": "learned",
     "mask_refresh": 1,
-    "warmup_epochs": 1,
+    "warmup_epochs": 0,
     "generator_steps": 1,
     "joint_step": False,
     "adversarial_radius": 0.0,

@@ -422,7 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class mode: put each class mask on the class's most salient cells (salient, the default) or "
                         "on its least salient ones, where clean images carry little of what tells the classes apart")
     p.add_argument("--mask-refresh", type=int, default=DEFAULTS["mask_refresh"], help="recompute masks every N epochs")
-    p.add_argument("--warmup-epochs", type=int, default=DEFAULTS["warmup_epochs"], help="clean surrogate warm-up")
+    p.add_argument("--warmup-epochs", type=int, default=DEFAULTS["warmup_epochs"],
+                   help="epochs the surrogate trains on clean images before the min-min training (default: none, both "
+                        "networks start together on the protected images)")
     p.add_argument("--generator-steps", type=int, default=DEFAULTS["generator_steps"], help="generator steps per batch")
     p.add_argument("--joint-step", action="store_true",
                    help="update surrogate and generator from one backward pass per batch instead of one step each "
