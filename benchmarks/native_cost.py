@@ -467,7 +467,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tables", nargs="+",
-                        choices=("floor", "train_batch", "sizes", "files", "reorder", "train_sizes", "decode", "em", "all"))
+                        choices=("floor", "train_batch", "sizes", "files", "reorder", "train_sizes", "decode", "em",
+                                 "all"))
     parser.add_argument("--device", default="cpu", help="torch device of the floor and sizes tables")
     parser.add_argument("--data", default="../shared/data/breastmnist_28.npz", help="em: MedMNIST .npz")
     parser.add_argument("--limit", type=int, default=256, help="em: training images used")
