@@ -21,6 +21,7 @@ per image, at the same size and batch.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import json
 import resource
@@ -110,6 +111,20 @@ def _floor_fn(surrogate, generator, x, y):
     return floor
 
 
+def _supervised_step_fn(surrogate, x, y):
+    """One ordinary training step of (a copy of) the surrogate on the batch ``x``, as ``train`` configures its
+    optimizer: forward, backward to the weights, SGD step. What training the classifier alone costs per batch."""
+    net = copy.deepcopy(surrogate).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=DEFAULTS["surrogate_lr"], momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
 def _training_fns(size, batch: int, train_images: int, trainings, device: str) -> dict:
     """One 1-epoch and one 2-epoch training per case, so one epoch's cost is the difference: the setup, the first
     masks and the final mask refresh are paid once per run, not per epoch."""
@@ -164,7 +179,8 @@ def train_batch_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = DEF
                       repeats: int = 3, device: str = "cpu") -> list[dict]:
     """Training per image-epoch at the default batch (two batches per epoch), default and joint step, against the
     floor at that batch: the per-batch costs (optimizer steps, engine events) are shared by as many images as in a
-    real training, where the floor table's batch of 16 shares them by 16."""
+    real training, where the floor table's batch of 16 shares them by 16. Also against one ordinary training step
+    of the surrogate per image (its backward computes weight gradients, which the floor's does not)."""
     rows = []
     trainings = (("train", {}), ("train_joint", {"joint_step": True}))
     for size in sizes:
@@ -172,11 +188,15 @@ def train_batch_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = DEF
             make_checkpoint(Path(tempfile.mkdtemp()) / "sample.pt", size, "sample"), device)
         x = torch.rand(batch, 1, *size, device=device)
         y = torch.randint(0, 2, (batch,), device=device)
-        fns = {"floor": _floor_fn(surrogate, generator, x, y)}
+        fns = {"floor": _floor_fn(surrogate, generator, x, y), "supervised": _supervised_step_fn(surrogate, x, y)}
         fns.update(_training_fns(size, batch, 2 * batch, trainings, device))
         seconds = _device_rounds(fns, device, repeats=repeats, warmup=0)
         row, floor_s = _floor_row(size, batch, seconds)
+        row["supervised_ms"] = 1000 * seconds["supervised"] / batch
+        row["supervised_x_floor"] = seconds["supervised"] / batch / floor_s
         _training_columns(row, seconds, trainings, 2 * batch, floor_s)
+        for name, _ in trainings:
+            row[f"{name}_x_supervised"] = row[f"{name}_ms_per_image_epoch"] / row["supervised_ms"]
         rows.append(row)
         print_row(row)
     return rows
