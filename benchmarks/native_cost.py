@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monai_salm.api import DEFAULTS, protect_tensor, train_salm
+from monai_salm.api import DEFAULTS, protect_tensor, surrogate_optimizer, train_salm
 from monai_salm.engines import SALMSettings, load_protection, save_protection
 from monai_salm.networks import NoiseGenerator, build_classifier
 from monai_salm.transforms.functional import call_generator
@@ -112,10 +112,10 @@ def _floor_fn(surrogate, generator, x, y):
 
 
 def _supervised_step_fn(surrogate, x, y):
-    """One ordinary training step of (a copy of) the surrogate on the batch ``x``, as ``train`` configures its
-    optimizer: forward, backward to the weights, SGD step. What training the classifier alone costs per batch."""
+    """One ordinary training step of (a copy of) the surrogate on the batch ``x``, with SALM's surrogate optimizer:
+    forward, backward to the weights, optimizer step. What training the classifier alone costs per batch."""
     net = copy.deepcopy(surrogate).train()
-    optimizer = torch.optim.SGD(net.parameters(), lr=DEFAULTS["surrogate_lr"], momentum=0.9, weight_decay=5e-4)
+    optimizer = surrogate_optimizer(net.parameters())
 
     def step():
         optimizer.zero_grad(set_to_none=True)

@@ -30,7 +30,9 @@ from monai_salm.transforms.functional import (
     topk_mask,
 )
 
-__all__ = ["DEFAULTS", "MAX_CLASSES", "make_dataset", "train_salm", "protect_tensor", "protection_stats"]
+__all__ = [
+    "DEFAULTS", "MAX_CLASSES", "make_dataset", "surrogate_optimizer", "train_salm", "protect_tensor", "protection_stats"
+]
 
 #: Defaults chosen by the sweep in docs/results.md.
 DEFAULTS: dict[str, Any] = {
@@ -67,6 +69,19 @@ DEFAULTS: dict[str, Any] = {
 def make_dataset(images: torch.Tensor, labels: torch.Tensor) -> Dataset:
     """MONAI dataset of ``{"image", "label", "index"}`` dictionaries over in-memory tensors."""
     return Dataset([{"image": images[i], "label": labels[i], "index": i} for i in range(images.shape[0])])
+
+
+def surrogate_optimizer(parameters, lr: float = DEFAULTS["surrogate_lr"]) -> torch.optim.Optimizer:
+    """The optimizer SALM trains its surrogate with: SGD, momentum 0.9, weight decay 5e-4.
+
+    Args:
+        parameters: the surrogate's parameters.
+        lr: learning rate.
+
+    Returns:
+        the optimizer.
+    """
+    return torch.optim.SGD(parameters, lr=lr, momentum=0.9, weight_decay=5e-4)
 
 
 def train_salm(
@@ -212,7 +227,7 @@ def train_salm(
         train_data_loader=loader,
         surrogate=net,
         generator=generator,
-        surrogate_optimizer=torch.optim.SGD(net.parameters(), lr=surrogate_lr, momentum=0.9, weight_decay=5e-4),
+        surrogate_optimizer=surrogate_optimizer(net.parameters(), surrogate_lr),
         generator_optimizer=torch.optim.Adam(generator.parameter_groups(pattern_lr), lr=generator_lr),
         epsilon=epsilon,
         k=k,
