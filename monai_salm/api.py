@@ -15,7 +15,7 @@ from monai.utils import set_determinism
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from monai_salm.engines import MAX_CLASSES, FreshModelMonitor, SALMSettings, SALMTrainer
+from monai_salm.engines import MAX_CLASSES, FreshModelMonitor, SALMSettings, SALMTrainer, train_reader
 from monai_salm.engines.distributed import is_main, rank, world_size
 from monai_salm.evaluation.countermeasures import differentiable_view
 from monai_salm.networks import NoiseGenerator, build_classifier
@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
     "stop_accuracy": None,
     "monitor_steps": 0,
     "robust_to": "flip,crop:2",
+    "reader_weight": 0.0,
+    "reader_epochs": 5,
+    "reader_target": "clean",
 }
 
 
@@ -124,6 +127,9 @@ def train_salm(
     monitor_steps: int = DEFAULTS["monitor_steps"],
     monitor_target: float | None = None,
     robust_to: str | None = DEFAULTS["robust_to"],
+    reader_weight: float = DEFAULTS["reader_weight"],
+    reader_epochs: int = DEFAULTS["reader_epochs"],
+    reader_target: str = DEFAULTS["reader_target"],
     amp: bool | None = None,
 ) -> tuple[SALMTrainer, SALMSettings]:
     """Train SALM's surrogate and generator on in-memory images.
@@ -168,6 +174,13 @@ def train_salm(
             shift of up to 2 pixels/voxels; also ``rotate`` and ``cutout``, see
             :func:`~monai_salm.evaluation.countermeasures.differentiable_view`).
             ``None`` or ``""``: none.
+        reader_weight: when > 0, first train a reader (a classifier of the surrogate's architecture) on the clean
+            images for ``reader_epochs`` (:func:`~monai_salm.engines.train_reader`), then add
+            ``reader_weight * KL(reader(x) || reader(x'))`` to the generator's loss (``SALMTrainer(reader=...,
+            reader_weight=...)``), so that models trained on clean data read the release as they read the originals.
+        reader_epochs: epochs of that reader's training.
+        reader_target: ``"clean"``: the reader should read the protected image as the clean one; ``"uniform"``: it
+            should read no class from it (``SALMTrainer(reader_target=...)``).
         amp: mixed precision (MONAI's ``amp``); ``None``: on for CUDA devices. On CUDA the loaders also pin memory
             and copies are non-blocking.
 
@@ -221,6 +234,10 @@ def train_salm(
     per_process = batch_size // processes
     loader = DataLoader(dataset, batch_size=per_process, sampler=sampler, drop_last=len(sampler) > per_process,
                         pin_memory=cuda)
+    reader = None
+    if reader_weight > 0:
+        reader = train_reader(build_classifier(surrogate, spatial_dims, in_channels, num_classes, images.shape[2:]),
+                              dataset, reader_epochs, batch_size=batch_size, seed=seed, device=device)
     trainer = SALMTrainer(
         device=device,
         max_epochs=epochs,
@@ -248,6 +265,9 @@ def train_salm(
         mask_loader=DataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False, pin_memory=cuda),
         seed=seed,
         surrogate_view=differentiable_view(robust_to, seed=seed) if robust_to else None,
+        reader=reader,
+        reader_weight=reader_weight,
+        reader_target=reader_target,
         train_handlers=handlers if is_main() else None,
         amp=amp,
         non_blocking=cuda,

@@ -16,7 +16,7 @@ import torch
 from monai_salm.api import DEFAULTS, protect_tensor, train_salm
 from monai_salm.data import SPLITS, from_tensor, load_npz, save_npz, split_arrays, to_tensor
 from monai_salm.engines import load_protection, save_protection
-from monai_salm.engines.trainer import PLACEMENTS
+from monai_salm.engines.trainer import PLACEMENTS, READER_TARGETS
 from monai_salm.engines.distributed import SharedError, barrier, distributed_context, is_main, world_size
 from monai_salm.evaluation import COUNTERMEASURES, RECIPES
 from monai_salm.networks import CLASSIFIERS
@@ -171,6 +171,9 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
         monitor_steps=args.monitor_steps,
         monitor_target=args.monitor_target,
         robust_to=None if args.robust_to.lower() in ("", "none") else args.robust_to,
+        reader_weight=args.reader_weight,
+        reader_epochs=args.reader_epochs,
+        reader_target=args.reader_target,
         amp=_amp(args),
         surrogate=args.surrogate,
     )
@@ -186,7 +189,9 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
                    "robust_to": args.robust_to, "processes": world_size(), "spread": args.spread,
                    "rotation_symmetric": args.rotation_symmetric,
                    "placement": args.placement, "pattern_lr": args.pattern_lr, "joint_step": args.joint_step,
-                   "adversarial_radius": args.adversarial_radius, "adversarial_steps": args.adversarial_steps},
+                   "adversarial_radius": args.adversarial_radius, "adversarial_steps": args.adversarial_steps,
+                   "reader_weight": args.reader_weight, "reader_epochs": args.reader_epochs,
+                   "reader_target": args.reader_target},
         )
     barrier()
     summary = {
@@ -460,6 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(flip, crop:P, rotate:DEGREES, cutout:SIZE); default {DEFAULTS['robust_to']} (a random flip "
                         "per axis and a shift of up to 2 pixels, as a competent attacker augments); none: train on the "
                         "release as it is")
+    p.add_argument("--reader-weight", type=float, default=DEFAULTS["reader_weight"],
+                   help="keep the release readable by models trained on clean data: first train such a model (the "
+                        "reader) on the clean images, then penalise the generator by this weight times the change of "
+                        "the reader's outputs on the protected images (KL divergence; default 0: off)")
+    p.add_argument("--reader-epochs", type=int, default=DEFAULTS["reader_epochs"],
+                   help="epochs the reader trains on the clean images (with --reader-weight)")
+    p.add_argument("--reader-target", choices=READER_TARGETS, default=DEFAULTS["reader_target"],
+                   help="with --reader-weight: clean (the reader reads a protected image as its original) or uniform "
+                        "(it reads no class from it: the change erases what a model trained on clean data reads)")
     p.add_argument("--num-classes", type=int, default=0, help="default: max label + 1")
     p.add_argument("--limit", type=_count, default=0, help="use only the first N training images")
     common(p)

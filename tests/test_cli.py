@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from monai_salm.cli import main
@@ -167,3 +168,17 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert not np.array_equal(clean["test_images"], prot["test_images"])  # every split is released protected
         np.testing.assert_array_equal(clean["test_labels"], prot["test_labels"])
     assert main(["demo", "--out", str(out), "--epochs", "1", "--quiet"]) == 2  # non-empty folder refused
+
+
+def test_train_with_reader_term_records_it(tmp_path, capsys):
+    data = tmp_path / "data.npz"
+    make_medmnist(data, n=24, shape=(16, 16), num_classes=2)
+    ckpt = tmp_path / "salm.pt"
+    assert main(["train", "--data", str(data), "--out", str(ckpt), "--reader-weight", "0.5", "--reader-epochs", "1",
+                 "--reader-target", "uniform", *FAST]) == 0
+    extra = torch.load(ckpt, map_location="cpu", weights_only=True)["extra"]
+    assert (extra["reader_weight"], extra["reader_epochs"], extra["reader_target"]) == (0.5, 1, "uniform")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--out", str(tmp_path / "bad.pt"), "--reader-target", "anatomy", *FAST])
+    assert "invalid choice" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from monai.handlers import CheckpointSaver, StatsHandler, TensorBoardStatsHandle
 from monai.data import DataLoader
 
 from monai_salm.api import make_dataset, protect_tensor, train_salm
-from monai_salm.engines import SALMTrainer, load_protection, protection_transforms, save_protection
+from monai_salm.engines import SALMTrainer, load_protection, protection_transforms, save_protection, train_reader
 from monai_salm.transforms.functional import flip_average, recalibrate_batchnorm, saliency_scores, topk_mask
 from monai_salm.networks import NoiseGenerator
 
@@ -292,3 +293,76 @@ def test_mask_refresh_scores_and_recalibrates_in_one_pass(n):
         lone = x[i:i + 16].shape[0] < 2
         scores = saliency_scores(copy.deepcopy(expected), x[i:i + 16], y[i:i + 16], eval_mode=lone)
         assert torch.equal(trainer.masks[i:i + 16], topk_mask(scores, 0.2).bool())
+
+
+def test_train_reader_learns_the_clean_images_and_comes_back_frozen():
+    x, y = _data(n=64)
+    torch.manual_seed(0)
+    reader = train_reader(TinyClassifier(2, 1, 2), make_dataset(x, y), epochs=15, batch_size=16, lr=1e-2)
+    assert not reader.training and not any(p.requires_grad for p in reader.parameters())
+    with torch.no_grad():
+        assert float((reader(x).argmax(1) == y).float().mean()) == 1.0
+    with pytest.raises(ValueError, match="at least one epoch"):
+        train_reader(TinyClassifier(2, 1, 2), make_dataset(x, y), epochs=0)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_reader_term_reads_the_release_and_moves_only_the_generator(joint):
+    """With ``reader_weight`` the generator also minimises KL(reader(x) || reader(x')): the frozen reader reads the
+    clean batch and the protected batch as released, the surrogate's update is the one without the term, and the
+    generator's is not."""
+    x, y = _data()
+    torch.manual_seed(1)
+    reader = TinyClassifier(2, 1, 2).eval().requires_grad_(False)
+    reader_before = [p.detach().clone() for p in reader.parameters()]
+    runs = {}
+    for weight in (0.0, 5.0):
+        trainer = _trainer(x, y, max_epochs=1, epoch_length=1, mask_refresh=0, joint_step=joint, reader=reader,
+                           reader_weight=weight)
+        seen = []
+        handle = reader.register_forward_hook(lambda module, inputs, _, seen=seen: seen.append(inputs[0].detach().clone()))
+        trainer.run()
+        handle.remove()
+        runs[weight] = (trainer, seen)
+    assert runs[0.0][1] == []  # off: the reader is never run
+    trainer, (read, clean) = runs[5.0][0], runs[5.0][1]
+    released = torch.stack([o["image"] for o in trainer.state.output])
+    assert torch.allclose(read, released, atol=1e-6)
+    change = read - clean
+    assert 0 < float(change.abs().max()) <= 0.1 + 1e-6
+    assert int((change != 0).flatten(1).sum(1).max()) <= round(0.2 * 12 * 12)  # only inside each image's mask
+    for a, b in zip(reader_before, reader.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[0.0][0].surrogate.parameters(), trainer.surrogate.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(runs[0.0][0].generator.parameters(),
+                                                         trainer.generator.parameters()))
+    with pytest.raises(ValueError, match="needs a reader"):
+        _trainer(x, y, reader_weight=1.0)
+    with pytest.raises(ValueError, match="reader_target"):
+        _trainer(x, y, reader=reader, reader_weight=1.0, reader_target="anatomy")
+    with pytest.raises(ValueError, match="reader_weight"):
+        _trainer(x, y, reader=reader, reader_weight=-1.0)
+
+
+def test_reader_term_targets():
+    """``clean``: zero when the release equals the original, positive and differentiable otherwise; ``uniform``:
+    KL(uniform || reader(x')), zero exactly when the reader reads no class from the protected image."""
+    x, y = _data()
+    reader = TinyClassifier(2, 1, 2).eval().requires_grad_(False)
+    clean = _trainer(x, y, reader=reader, reader_weight=2.0)
+    assert float(clean._reader_term(x, x)) == pytest.approx(0.0, abs=1e-6)
+    protected = (x + 0.1).clamp(0, 1).requires_grad_(True)
+    term = clean._reader_term(x, protected)
+    term.backward()
+    assert float(term.detach()) > 0 and float(protected.grad.abs().sum()) > 0
+    uniform = _trainer(x, y, reader=reader, reader_weight=2.0, reader_target="uniform")
+    with torch.no_grad():
+        log_q = torch.log_softmax(reader(x), 1)
+    expected = 2.0 * float((0.5 * (-math.log(2) - log_q)).sum(1).mean())
+    assert float(uniform._reader_term(x, x)) == pytest.approx(expected, rel=1e-5)
+    blank = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12 * 12, 2))
+    torch.nn.init.zeros_(blank[1].weight), torch.nn.init.zeros_(blank[1].bias)
+    reads_nothing = _trainer(x, y, reader=blank.eval().requires_grad_(False), reader_weight=2.0,
+                             reader_target="uniform")
+    assert float(reads_nothing._reader_term(x, x)) == pytest.approx(0.0, abs=1e-7)

@@ -8,3 +8,4 @@ from monai_salm.engines.checkpoint import (
 )
 from monai_salm.engines.trainer import INDEX_KEY, MASK_MODES, SALMTrainer
 from monai_salm.engines.monitor import FreshModelMonitor
+from monai_salm.engines.reader import train_reader

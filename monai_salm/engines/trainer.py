@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,11 +31,13 @@ from monai_salm.transforms.functional import (
     topk_mask,
 )
 
-__all__ = ["SALMTrainer", "MASK_MODES", "PLACEMENTS", "INDEX_KEY", "flip_average"]
+__all__ = ["SALMTrainer", "MASK_MODES", "PLACEMENTS", "READER_TARGETS", "INDEX_KEY", "flip_average"]
 
 MASK_MODES = ("sample", "class", "random")
 #: Where class masks sit: on the class's most salient cells (the default) or on its least salient ones.
 PLACEMENTS = ("salient", "least-salient")
+#: What the reader term asks a model trained on clean data to read from a protected image.
+READER_TARGETS = ("clean", "uniform")
 INDEX_KEY = "index"
 
 
@@ -132,6 +135,17 @@ class SALMTrainer(Trainer):
             probability ``view_prob`` per iteration. It should be differentiable, or pass gradients straight
             through (see :func:`monai_salm.evaluation.countermeasures.differentiable_view`).
         view_prob: probability of applying ``surrogate_view`` in an iteration.
+        reader: a frozen classifier trained on clean images, standing for the legitimate reader of a release (a
+            model trained on clean data). With ``reader_weight > 0`` the generator's loss adds
+            ``reader_weight * KL(reader(x) || reader(x'))``, so the noise is pushed towards directions the reader
+            ignores: the release reads as the clean images to such a model, and the shortcut it offers an attacker is
+            not also a push along the anatomy's own direction. Kept in eval mode; costs one reader forward and
+            backward pass per generator step.
+        reader_weight: weight of that term; 0 (the default) turns it off.
+        reader_target: what the reader should read from the protected images: ``"clean"`` (the default) what it reads
+            from the clean ones, as above; ``"uniform"`` no class at all, ``KL(uniform || reader(x'))``, so the change
+            also erases what a model trained on clean data reads from the image and the shortcut is left as the
+            easiest thing to learn from the release.
         train_handlers: MONAI/Ignite handlers to attach.
         kwargs: passed to :class:`monai.engines.Trainer` (``epoch_length``, ``amp``, ``non_blocking``, ...). With
             ``amp=True`` the networks run under ``torch.autocast`` (float16 on CUDA, with a gradient scaler per
@@ -172,6 +186,9 @@ class SALMTrainer(Trainer):
         seed: int = 0,
         surrogate_view: Callable[[torch.Tensor], torch.Tensor] | None = None,
         view_prob: float = 0.5,
+        reader: torch.nn.Module | None = None,
+        reader_weight: float = 0.0,
+        reader_target: str = "clean",
         train_handlers: Sequence | None = None,
         **kwargs: Any,
     ) -> None:
@@ -193,6 +210,11 @@ class SALMTrainer(Trainer):
             raise ValueError(f"adversarial_radius needs value_range (0, 1), got {(lo, hi)}.")
         if int(mask_spread) < 1:
             raise ValueError(f"mask_spread must be a positive integer, got {mask_spread}.")
+        if float(reader_weight) < 0 or (float(reader_weight) > 0 and reader is None):
+            raise ValueError(f"reader_weight must be >= 0, and > 0 needs a reader, got {reader_weight} with "
+                             f"{'no reader' if reader is None else 'a reader'}.")
+        if reader_target not in READER_TARGETS:
+            raise ValueError(f"reader_target must be one of {READER_TARGETS}, got {reader_target!r}.")
         super().__init__(
             device=torch.device(device),
             max_epochs=max_epochs,
@@ -234,6 +256,11 @@ class SALMTrainer(Trainer):
         self.surrogate_view = surrogate_view
         self.view_prob = float(view_prob)
         self._view_coin = torch.Generator().manual_seed(self.seed)
+        self.reader_weight = float(reader_weight)
+        self.reader_target = reader_target
+        self.reader = None
+        if reader is not None and self.reader_weight > 0:
+            self.reader = reader.to(self.state.device).eval().requires_grad_(False)
         use_scaler = bool(self.amp) and self.state.device.type == "cuda"
         self.surrogate_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.generator_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -379,6 +406,20 @@ class SALMTrainer(Trainer):
             attacked = pgd_attack(self.surrogate, protected, y, self.adversarial_radius, self.adversarial_steps, step)
         return attacked - protected.detach()  # pgd_attack returns a detached batch
 
+    def _reader_term(self, x: torch.Tensor, protected: torch.Tensor) -> torch.Tensor | float:
+        """``reader_weight * KL(target || reader(protected))`` (batch mean), differentiable in ``protected``, with the
+        target ``reader(x)`` or uniform (``reader_target``); 0 when the reader term is off."""
+        if self.reader is None:
+            return 0.0
+        with self._autocast():
+            read = F.log_softmax(self.reader(protected).float(), dim=1)
+            if self.reader_target == "uniform":
+                target = torch.full_like(read, -math.log(read.shape[1]))
+            else:
+                with torch.no_grad():
+                    target = F.log_softmax(self.reader(x).float(), dim=1)
+        return self.reader_weight * F.kl_div(read, target, reduction="batchmean", log_target=True)
+
     def _surrogate_step(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, view: Callable) -> tuple:
         """min over f of CE(f(x' + r), y), noise fixed, with ``r`` the adversarial shift (0 when off). Returns the
         protected batch, the logits, the loss, the generator's output with its graph, which the first generator step
@@ -413,7 +454,8 @@ class SALMTrainer(Trainer):
         with self._autocast():
             logits = self.surrogate_step_net(view(protected + shift))
             loss = F.cross_entropy(logits.float(), y)
-        self.surrogate_scaler.scale(loss).backward()
+        # the reader term reaches the generator only: the reader is frozen and the surrogate is not in it
+        self.surrogate_scaler.scale(loss + self._reader_term(x, protected)).backward()
         self.surrogate_scaler.step(self.surrogate_optimizer)
         self.surrogate_scaler.step(self.generator_optimizer)
         self.surrogate_scaler.update()
@@ -445,10 +487,9 @@ class SALMTrainer(Trainer):
                 with self._autocast():
                     if step > 0:
                         raw = call_generator(self.generator_step_net, x, y)
-                    generator_loss = F.cross_entropy(
-                        self.surrogate(view(perturb(x, mask, raw, self.epsilon, self.value_range) + shift)).float(), y
-                    )
-                self.generator_scaler.scale(generator_loss).backward()
+                    noisy = perturb(x, mask, raw, self.epsilon, self.value_range)
+                    generator_loss = F.cross_entropy(self.surrogate(view(noisy + shift)).float(), y)
+                self.generator_scaler.scale(generator_loss + self._reader_term(x, noisy)).backward()
                 self.generator_scaler.step(self.generator_optimizer)
                 self.generator_scaler.update()
         finally:
