@@ -302,6 +302,10 @@ def test_train_reader_learns_the_clean_images_and_comes_back_frozen():
     assert not reader.training and not any(p.requires_grad for p in reader.parameters())
     with torch.no_grad():
         assert float((reader(x).argmax(1) == y).float().mean()) == 1.0
+    stats = [b.clone() for b in reader.buffers()]  # already the clean images' own batch-norm statistics:
+    recalibrate_batchnorm(reader, [x])  # estimating them again changes nothing
+    for a, b in zip(stats, reader.buffers()):
+        assert torch.allclose(a, b, atol=1e-5) or a.dtype == torch.long
     with pytest.raises(ValueError, match="at least one epoch"):
         train_reader(TinyClassifier(2, 1, 2), make_dataset(x, y), epochs=0)
 

@@ -7,6 +7,8 @@ from monai.data import Dataset
 from monai.engines import SupervisedTrainer
 from torch.utils.data import DataLoader
 
+from monai_salm.transforms.functional import recalibrate_batchnorm
+
 __all__ = ["train_reader"]
 
 
@@ -21,6 +23,10 @@ def train_reader(
 ) -> torch.nn.Module:
     """Train ``network`` on clean images with MONAI's ``SupervisedTrainer`` (Adam, cross-entropy), as someone who
     holds the clean data would, and return it frozen in eval mode.
+
+    After a few epochs of Adam the batch-norm running statistics still lag behind the weights, and in eval mode such
+    a network answers every image alike (its outputs do not move with the image, so it could not guide the
+    generator); they are therefore re-estimated on the clean training images once training is done.
 
     The loader is not sharded: under ``torch.distributed`` every process trains the same reader from the same seed.
 
@@ -55,4 +61,6 @@ def train_reader(
         non_blocking=device.type == "cuda",
         decollate=False,
     ).run()
+    images = DataLoader(dataset, batch_size=max(batch_size, 256), shuffle=False)
+    recalibrate_batchnorm(network, (batch["image"].to(device) for batch in images))
     return network.eval().requires_grad_(False)
