@@ -137,10 +137,10 @@ class SALMTrainer(Trainer):
         view_prob: probability of applying ``surrogate_view`` in an iteration.
         reader: a frozen classifier trained on clean images, standing for the legitimate reader of a release (a
             model trained on clean data). With ``reader_weight > 0`` the generator's loss adds
-            ``reader_weight * KL(reader(x) || reader(x'))``, so the noise is pushed towards directions the reader
-            ignores: the release reads as the clean images to such a model, and the shortcut it offers an attacker is
-            not also a push along the anatomy's own direction. Kept in eval mode; costs one reader forward and
-            backward pass per generator step.
+            ``reader_weight * KL(reader(x) || reader(x'))``: the generator is asked to leave what such a model reads
+            from an image unchanged, so that readers of the release see what they would see in the originals and the
+            shortcut is not also a push along the anatomy's own direction (docs/results.md measures how far either
+            holds). Kept in eval mode; costs one reader forward and backward pass per generator step.
         reader_weight: weight of that term; 0 (the default) turns it off.
         reader_target: what the reader should read from the protected images: ``"clean"`` (the default) what it reads
             from the clean ones, as above; ``"uniform"`` no class at all, ``KL(uniform || reader(x'))``, so the change
