@@ -278,6 +278,23 @@ def test_config_defaults_match_api():
             assert got == value, key
 
 
+def test_config_reader_term(tmp_path):
+    """``reader_weight`` > 0 gives the trainer a reader trained on the clean training images, frozen; 0 gives none."""
+    data = make_png(tmp_path / "data")
+    for weight in (0.0, 0.5):
+        workflow = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=str(META), workflow_type="train",
+                                  logging_file=False, bundle_root=str(tmp_path / "bundle"), dataset_dir=str(data),
+                                  reader_weight=weight, reader_epochs=1, reader_target="uniform", **TINY)
+        workflow.initialize()
+        trainer = workflow.parser.get_parsed_content("train#trainer")
+        if weight == 0:
+            assert trainer.reader is None
+            continue
+        assert (trainer.reader_weight, trainer.reader_target) == (0.5, "uniform")
+        assert not trainer.reader.training and not any(p.requires_grad for p in trainer.reader.parameters())
+        assert trainer.reader is not trainer.surrogate
+
+
 def test_check_properties(bundles):
     run = bundles("png")
     common = {"bundle_root": str(run["bundle_root"]), "dataset_dir": str(run["data"])}
