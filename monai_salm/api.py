@@ -60,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "surrogate_lr": 0.01,
     "generator_lr": 2e-3,
     "pattern_lr": None,
-    "stop_accuracy": None,
+    "stop_accuracy": 0.99,
     "monitor_steps": 0,
     "robust_to": "flip,crop:2",
     "reader_weight": 0.0,
@@ -161,7 +161,8 @@ def train_salm(
         adversarial_radius, adversarial_steps: train against a robust surrogate, adding to each protected batch a
             PGD change of this L-inf radius and step count that raises its loss (``SALMTrainer(adversarial_radius=...,
             adversarial_steps=...)``); 0 turns it off.
-        stop_accuracy: stop when the surrogate's protected accuracy reaches it (None: run all epochs).
+        stop_accuracy: stop after the first epoch in which the surrogate's running accuracy on the protected
+            batches reaches it (None: run all ``epochs``).
         progress: show an Ignite progress bar.
         val_images, val_labels: clean held-out data for the fresh-model monitor.
         monitor_steps: when > 0 (and validation data is given), attach a

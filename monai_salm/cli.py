@@ -63,6 +63,19 @@ def _eps(text: str) -> float:
         raise argparse.ArgumentTypeError(f"epsilon must be a number such as 0.08 or 20/255, got {text!r}") from None
 
 
+def _stop_accuracy(text: str) -> float | None:
+    """``--stop-accuracy``: a protected accuracy in (0, 1], or ``none`` to train every epoch."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be an accuracy in (0, 1] or 'none', got {text!r}")
+    return value
+
+
 def _device(text: str) -> str:
     """A ``--device`` value checked up front: a torch device that exists on this machine."""
     try:
@@ -191,7 +204,7 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
                    "placement": args.placement, "pattern_lr": args.pattern_lr, "joint_step": args.joint_step,
                    "adversarial_radius": args.adversarial_radius, "adversarial_steps": args.adversarial_steps,
                    "reader_weight": args.reader_weight, "reader_epochs": args.reader_epochs,
-                   "reader_target": args.reader_target},
+                   "reader_target": args.reader_target, "stop_accuracy": args.stop_accuracy},
         )
     barrier()
     summary = {
@@ -443,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
                    help="the global batch: under torchrun it is split evenly over the processes")
     p.add_argument("--surrogate", default="resnet18", choices=CLASSIFIERS, help="surrogate network (default: resnet18)")
-    p.add_argument("--stop-accuracy", type=float, default=DEFAULTS["stop_accuracy"], help="stop at this protected accuracy")
+    p.add_argument("--stop-accuracy", type=_stop_accuracy, default=DEFAULTS["stop_accuracy"],
+                   help="stop once the surrogate's accuracy on an epoch's protected batches reaches this (default "
+                        f"{DEFAULTS['stop_accuracy']}; 'none': train all --epochs)")
     p.add_argument("--monitor-steps", type=int, default=DEFAULTS["monitor_steps"],
                    help="fresh-model monitor: train a new model this many steps on protected data each epoch (0: off)")
     p.add_argument("--monitor-target", type=float, default=None,

@@ -170,6 +170,24 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--epochs", "1", "--quiet"]) == 2  # non-empty folder refused
 
 
+def test_train_stop_accuracy_stops_early_or_never(tmp_path, capsys):
+    data = tmp_path / "data.npz"
+    make_medmnist(data, n=24, shape=(16, 16), num_classes=2)
+    fast = ["--warmup-epochs", "0", "--batch-size", "16", "--quiet"]
+    runs = {"0.01": 1, "none": 2}  # any running accuracy reaches 0.01 in the first epoch; "none" runs every epoch
+    for value, epochs_run in runs.items():
+        ckpt = tmp_path / f"{value}.pt"
+        assert main(["train", "--data", str(data), "--out", str(ckpt), "--epochs", "2", "--stop-accuracy", value,
+                     *fast]) == 0
+        extra = torch.load(ckpt, map_location="cpu", weights_only=True)["extra"]
+        assert extra["epochs_run"] == epochs_run
+        assert extra["stop_accuracy"] == (None if value == "none" else 0.01)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--out", str(tmp_path / "bad.pt"), "--stop-accuracy", "1.5", *fast])
+    assert "accuracy in (0, 1]" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
+
+
 def test_train_with_reader_term_records_it(tmp_path, capsys):
     data = tmp_path / "data.npz"
     make_medmnist(data, n=24, shape=(16, 16), num_classes=2)
