@@ -72,9 +72,16 @@ def test_trainer_with_monai_handlers(tmp_path):
 
 def test_stop_rule_terminates_early():
     x, y = _data()
-    trainer = _trainer(x, y, max_epochs=5, stop_accuracy=0.0, min_epochs=1)
+    trainer = _trainer(x, y, max_epochs=5, stop_accuracy=1e-6, min_epochs=1)
     trainer.run()
     assert trainer.state.epoch == 1
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5])
+def test_stop_accuracy_outside_an_accuracy_is_refused(value):
+    x, y = _data()
+    with pytest.raises(ValueError, match="stop_accuracy"):
+        _trainer(x, y, stop_accuracy=value)
 
 
 @pytest.mark.parametrize("mode", ["class", "random"])

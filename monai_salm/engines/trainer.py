@@ -153,7 +153,7 @@ class SALMTrainer(Trainer):
             in float32, so the epsilon bound is exact.
 
     Raises:
-        ValueError: for an unknown ``mask_mode`` or a bad ``k``/``epsilon``.
+        ValueError: for an unknown ``mask_mode``, a bad ``k``/``epsilon`` or a ``stop_accuracy`` outside (0, 1].
     """
 
     def __init__(
@@ -215,6 +215,8 @@ class SALMTrainer(Trainer):
                              f"{'no reader' if reader is None else 'a reader'}.")
         if reader_target not in READER_TARGETS:
             raise ValueError(f"reader_target must be one of {READER_TARGETS}, got {reader_target!r}.")
+        if stop_accuracy is not None and not 0.0 < float(stop_accuracy) <= 1.0:
+            raise ValueError(f"stop_accuracy must be an accuracy in (0, 1] or None, got {stop_accuracy!r}.")
         super().__init__(
             device=torch.device(device),
             max_epochs=max_epochs,
