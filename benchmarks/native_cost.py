@@ -5,6 +5,7 @@ process per case, so each peak is its own). Ratios, not absolute times, are what
 
     python benchmarks/native_cost.py floor            # release (per mode) and training per image vs the floor
     python benchmarks/native_cost.py train_batch      # training per image at the default batch (128) vs the floor
+    python benchmarks/native_cost.py refresh          # the same, with the mask refresh from a subset or only once
     python benchmarks/native_cost.py sizes            # class-mask release time and peak memory against native size
     python benchmarks/native_cost.py files            # 512x512x300 CT (NIfTI, DICOM series), 2048^2 radiograph
     python benchmarks/native_cost.py train_sizes      # training time/memory at a fixed working grid vs native size
@@ -177,14 +178,19 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
     return rows
 
 
+#: the refresh table's trainings: every image scored at each epoch's mask refresh (the default), a subset of 64
+#: (``refresh_samples``), and no refresh after the first (the limit of a fixed subset as the data grow)
+REFRESH_TRAININGS = (("train", {}), ("train_refresh64", {"refresh_samples": 64}), ("train_refresh_once", {"mask_refresh": 0}))
+
+
 def train_batch_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = DEFAULTS["batch_size"],
-                      repeats: int = 3, device: str = "cpu") -> list[dict]:
-    """Training per image-epoch at the default batch (two batches per epoch), default and joint step, against the
-    floor at that batch: the per-batch costs (optimizer steps, engine events) are shared by as many images as in a
-    real training, where the floor table's batch of 16 shares them by 16. Also against one ordinary training step
+                      repeats: int = 3, device: str = "cpu",
+                      trainings=(("train", {}), ("train_joint", {"joint_step": True}))) -> list[dict]:
+    """Training per image-epoch at the default batch (two batches per epoch), per training (the default and the joint
+    step unless given), against the floor at that batch: the per-batch costs (optimizer steps, engine events) are
+    shared by as many images as in a real training, where the floor table's batch of 16 shares them by 16. Also against one ordinary training step
     of the surrogate per image (its backward computes weight gradients, which the floor's does not)."""
     rows = []
-    trainings = (("train", {}), ("train_joint", {"joint_step": True}))
     for size in sizes:
         _, generator, surrogate, _ = load_protection(
             make_checkpoint(Path(tempfile.mkdtemp()) / "sample.pt", size, "sample"), device)
@@ -496,8 +502,8 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tables", nargs="+",
-                        choices=("floor", "train_batch", "sizes", "files", "reorder", "train_sizes", "decode", "em",
-                                 "all"))
+                        choices=("floor", "train_batch", "refresh", "sizes", "files", "reorder", "train_sizes",
+                                 "decode", "em", "all"))
     parser.add_argument("--device", default="cpu", help="torch device of the floor and sizes tables")
     parser.add_argument("--data", default="../shared/data/breastmnist_28.npz", help="em: MedMNIST .npz")
     parser.add_argument("--limit", type=int, default=256, help="em: training images used")
@@ -506,7 +512,10 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     tables = {"floor": lambda: floor_table(device=args.device),
-              "train_batch": lambda: train_batch_table(device=args.device), "sizes": lambda: sizes_table(args.device),
+              "train_batch": lambda: train_batch_table(device=args.device),
+              "refresh": lambda: train_batch_table(((28, 28), (28, 28, 28)), device=args.device,
+                                                   trainings=REFRESH_TRAININGS),
+              "sizes": lambda: sizes_table(args.device),
               "files": files_table, "reorder": reorder_table, "train_sizes": train_sizes_table, "decode": decode_table,
               "em": lambda: em_table(args.data, args.limit)}
     results = {}

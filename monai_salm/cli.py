@@ -42,7 +42,7 @@ def _k(text: str) -> float | int:
 
 
 def _count(text: str) -> int:
-    """A non-negative integer (``--limit``)."""
+    """A non-negative integer (``--limit``, ``--refresh-samples``)."""
     try:
         value = int(text)
     except ValueError:
@@ -169,6 +169,7 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
         class_pattern=not args.no_class_pattern,
         pattern=args.pattern,
         mask_refresh=args.mask_refresh,
+        refresh_samples=args.refresh_samples,
         warmup_epochs=args.warmup_epochs,
         generator_steps=args.generator_steps,
         joint_step=args.joint_step,
@@ -204,7 +205,8 @@ def _train_here(args: argparse.Namespace, device: torch.device) -> dict:
                    "placement": args.placement, "pattern_lr": args.pattern_lr, "joint_step": args.joint_step,
                    "adversarial_radius": args.adversarial_radius, "adversarial_steps": args.adversarial_steps,
                    "reader_weight": args.reader_weight, "reader_epochs": args.reader_epochs,
-                   "reader_target": args.reader_target, "stop_accuracy": args.stop_accuracy},
+                   "reader_target": args.reader_target, "stop_accuracy": args.stop_accuracy,
+                   "refresh_samples": args.refresh_samples},
         )
     barrier()
     summary = {
@@ -440,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class mode: put each class mask on the class's most salient cells (salient, the default) or "
                         "on its least salient ones, where clean images carry little of what tells the classes apart")
     p.add_argument("--mask-refresh", type=int, default=DEFAULTS["mask_refresh"], help="recompute masks every N epochs")
+    p.add_argument("--refresh-samples", type=_count, default=DEFAULTS["refresh_samples"],
+                   help="class masks: refresh from a seeded subset of N training images after the first refresh "
+                        "(0: every image)")
     p.add_argument("--warmup-epochs", type=int, default=DEFAULTS["warmup_epochs"],
                    help="epochs the surrogate trains on clean images before the min-min training (default: none, both "
                         "networks start together on the protected images)")

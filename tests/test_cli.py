@@ -188,6 +188,19 @@ def test_train_stop_accuracy_stops_early_or_never(tmp_path, capsys):
     assert "accuracy in (0, 1]" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
 
 
+def test_train_refresh_samples_is_recorded_and_checked(tmp_path, capsys):
+    data = tmp_path / "data.npz"
+    make_medmnist(data, n=24, shape=(16, 16), num_classes=2)
+    fast = ["--epochs", "2", "--warmup-epochs", "0", "--batch-size", "16", "--stop-accuracy", "none", "--quiet"]
+    ckpt = tmp_path / "subset.pt"
+    assert main(["train", "--data", str(data), "--out", str(ckpt), "--refresh-samples", "8", *fast]) == 0
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["extra"]["refresh_samples"] == 8
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(data), "--out", str(tmp_path / "bad.pt"), "--refresh-samples", "-1", *fast])
+    assert "non-negative integer" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
+
+
 def test_train_with_reader_term_records_it(tmp_path, capsys):
     data = tmp_path / "data.npz"
     make_medmnist(data, n=24, shape=(16, 16), num_classes=2)

@@ -276,6 +276,42 @@ def test_adversarial_surrogate_sees_protected_batch_plus_bounded_loss_raising_ch
         _trainer(x, y, adversarial_radius=0.01, value_range=(-1.0, 1.0))
 
 
+def test_refresh_samples_scores_a_fixed_subset_after_the_first_refresh():
+    """The first refresh scores every image and picks a seeded subset holding every class; the refreshes during
+    training score only it, and give the class scores a full refresh of those images gives; an explicit refresh
+    (the one before release) scores every image again."""
+    x, y = _data(n=32, num_classes=3)
+    y[y == 2] = 0
+    y[5] = 2  # one image of class 2, which a random subset of 6 would rarely hold
+    trainer = _trainer(x, y, mask_mode="class", k=0.25, refresh_samples=6, max_epochs=3, epoch_length=1,
+                       mask_loader=DataLoader(make_dataset(x, y), batch_size=16, shuffle=False))
+    scored = []
+    score = trainer._clean_saliency
+    trainer._clean_saliency = lambda loader: (scored.append(len(loader.dataset)), score(loader))[1]
+    trainer.run()
+    subset = trainer.subset_loader.dataset.indices
+    assert scored == [32, len(subset), len(subset)] and len(subset) in (6, 7) and 5 in subset
+    assert subset == sorted(set(subset)) and set(y[subset].tolist()) == {0, 1, 2}
+    trainer.refresh_masks(subset=True)
+    only = _trainer(x[subset], y[subset], mask_mode="class", k=0.25,
+                    mask_loader=DataLoader(make_dataset(x[subset], y[subset]), batch_size=16, shuffle=False))
+    only.surrogate.load_state_dict(trainer.surrogate.state_dict())
+    only.refresh_masks()
+    torch.testing.assert_close(trainer.class_scores, only.class_scores)
+    trainer.refresh_masks()
+    assert scored[-1] == 32
+    with pytest.raises(ValueError, match="refresh_samples"):
+        _trainer(x, y, refresh_samples=-1)
+
+
+def test_refresh_samples_leaves_per_sample_masks_whole():
+    x, y = _data(n=16)
+    trainer = _trainer(x, y, mask_mode="sample", refresh_samples=4)
+    trainer.refresh_masks()
+    trainer.refresh_masks(subset=True)
+    assert trainer.subset_loader is None and trainer.masks.shape[0] == 16
+
+
 @pytest.mark.parametrize("n", [32, 33])
 def test_mask_refresh_scores_and_recalibrates_in_one_pass(n):
     """One surrogate pass per clean batch gives the masks and the running statistics recalibrate_batchnorm gives,

@@ -15,7 +15,7 @@ from monai.engines import IterationEvents, Trainer
 from monai.engines.workflow import Workflow
 from monai.handlers import from_engine
 from monai.utils import CommonKeys as Keys
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from monai_salm.engines.distributed import all_reduce, average_buffers, gather, is_main, unwrap, world_size, wrap_ddp
 from monai_salm.evaluation.countermeasures import ADVERSARIAL_STEP_FACTOR, pgd_attack
@@ -111,6 +111,11 @@ class SALMTrainer(Trainer):
             so the mask is made of solid blocks (which a 3x3 median filter or a small blur cannot remove)
             instead of scattered positions; 1 keeps single positions.
         mask_refresh: recompute masks every this many epochs (0: only before the first epoch).
+        refresh_samples: in ``"class"`` mode, the refreshes after the first score only a seeded random subset of this
+            many training images (every class kept in it), chosen once from the labels the first refresh read; a
+            class mask is the top k of a class average, which a subset estimates at a fraction of the cost. 0 (the
+            default) scores every image each time. An explicit :meth:`refresh_masks` call (the one before release)
+            scores every image either way.
         generator_steps: generator steps per iteration.
         joint_step: update the surrogate and the generator from one forward and backward pass through both (both
             minimise the same loss, so one pass gives each its gradient; the generator's is taken at the surrogate's
@@ -175,6 +180,7 @@ class SALMTrainer(Trainer):
         mask_placement: str = "salient",
         mask_block: int = 1,
         mask_refresh: int = 1,
+        refresh_samples: int = 0,
         generator_steps: int = 1,
         joint_step: bool = False,
         adversarial_radius: float = 0.0,
@@ -215,6 +221,8 @@ class SALMTrainer(Trainer):
                              f"{'no reader' if reader is None else 'a reader'}.")
         if reader_target not in READER_TARGETS:
             raise ValueError(f"reader_target must be one of {READER_TARGETS}, got {reader_target!r}.")
+        if int(refresh_samples) < 0:
+            raise ValueError(f"refresh_samples must be >= 0, got {refresh_samples}.")
         if stop_accuracy is not None and not 0.0 < float(stop_accuracy) <= 1.0:
             raise ValueError(f"stop_accuracy must be an accuracy in (0, 1] or None, got {stop_accuracy!r}.")
         super().__init__(
@@ -247,6 +255,7 @@ class SALMTrainer(Trainer):
         self.mask_placement = mask_placement
         self.mask_block = int(mask_block)
         self.mask_refresh = int(mask_refresh)
+        self.refresh_samples = int(refresh_samples)
         self.generator_steps = int(generator_steps)
         self.joint_step = bool(joint_step)
         self.adversarial_radius = float(adversarial_radius)
@@ -269,13 +278,8 @@ class SALMTrainer(Trainer):
         self.mask_loader = mask_loader or DataLoader(
             train_data_loader.dataset, batch_size=getattr(train_data_loader, "batch_size", None) or 64, shuffle=False
         )
-        self.shard_loader = self.mask_loader
-        if world_size() > 1:
-            self.shard_loader = DataLoader(
-                self.mask_loader.dataset, batch_size=self.mask_loader.batch_size, shuffle=False,
-                sampler=DistributedSampler(self.mask_loader.dataset, even_divisible=False, shuffle=False),
-                pin_memory=self.mask_loader.pin_memory,
-            )
+        self.shard_loader = self._shard(self.mask_loader.dataset)
+        self.subset_loader: DataLoader | None = None  # the refresh_samples subset, chosen at the first refresh
         self.masks: torch.Tensor | None = None  # (N, 1, *spatial) bool, per sample
         self.class_scores: torch.Tensor | None = None  # (num_classes, *spatial), class mode
         self.add_event_handler(Events.STARTED, self._on_started)
@@ -302,7 +306,7 @@ class SALMTrainer(Trainer):
         if self.masks is None and self.class_scores is None:
             self.refresh_masks()
         elif self.mask_refresh > 0 and (epoch - 1) % self.mask_refresh == 0:
-            self.refresh_masks()
+            self.refresh_masks(subset=True)
 
     def _maybe_stop(self, engine: Engine) -> None:
         acc = engine.state.metrics.get("protected_accuracy")
@@ -318,23 +322,50 @@ class SALMTrainer(Trainer):
         y = batch[Keys.LABEL].to(self.state.device, non_blocking=self.non_blocking).long().reshape(-1)
         return x, y, batch[INDEX_KEY].long().reshape(-1)
 
-    def _clean_saliency(self):
-        """``(scores, labels, indices)`` of every batch of this process's shard of clean images, scored with each
-        batch's own batch-norm statistics; the same pass re-estimates the surrogate's running statistics on them
-        (averaged over processes once the pass is done). A lone last image is scored with the statistics gathered
-        up to it."""
+    def _shard(self, dataset: Dataset) -> DataLoader:
+        """A loader, in order, over this process's shard of ``dataset`` (all of it when not distributed)."""
+        if world_size() <= 1 and dataset is self.mask_loader.dataset:
+            return self.mask_loader
+        sampler = DistributedSampler(dataset, even_divisible=False, shuffle=False) if world_size() > 1 else None
+        return DataLoader(dataset, batch_size=self.mask_loader.batch_size, shuffle=False, sampler=sampler,
+                          pin_memory=self.mask_loader.pin_memory)
+
+    def _choose_subset(self, indices: list[torch.Tensor], labels: list[torch.Tensor]) -> None:
+        """Pick the ``refresh_samples`` subset from the labels of a full refresh (gathered over processes): a seeded
+        random choice, plus the first image of any class it missed, so every class keeps a score map."""
+        parts = gather((torch.cat(indices), torch.cat(labels)) if indices else None)
+        index = torch.cat([p[0] for p in parts if p is not None])
+        label = torch.cat([p[1] for p in parts if p is not None])
+        order = torch.randperm(len(index), generator=torch.Generator().manual_seed(self.seed))
+        chosen = order[: self.refresh_samples]
+        if len(chosen) >= len(index):
+            self.subset_loader = self.shard_loader
+            return
+        missed = [order[label[order] == c][:1] for c in label.unique() if not (label[chosen] == c).any()]
+        chosen = torch.cat([chosen, *missed])
+        self.subset_loader = self._shard(Subset(self.mask_loader.dataset, sorted(index[chosen].tolist())))
+
+    def _clean_saliency(self, loader: DataLoader):
+        """``(scores, labels, indices)`` of every batch of ``loader`` (this process's shard of clean images), scored
+        with each batch's own batch-norm statistics; the same pass re-estimates the surrogate's running statistics on
+        them (averaged over processes once the pass is done). A lone last image is scored with the statistics
+        gathered up to it."""
         with batchnorm_statistics(self.surrogate):
-            for batch in self.shard_loader:
+            for batch in loader:
                 x, y, idx = self._unpack(batch)
                 lone = x.shape[0] < 2  # batch norm has no statistics of one image
                 yield saliency_scores(self.surrogate, x, y, eval_mode=True if lone else None), y, idx
         average_buffers(self.surrogate)
 
-    def refresh_masks(self) -> None:
+    def refresh_masks(self, subset: bool = False) -> None:
         """Recompute every sample's mask (or the class masks) from the current surrogate.
 
         Under ``torch.distributed`` this is collective: every process scores its shard, and the class score maps
         (or the per-sample masks) of all processes are combined.
+
+        Args:
+            subset: in ``"class"`` mode with ``refresh_samples``, score only the subset chosen at the first refresh
+                (what the refreshes during training do); otherwise, or before any refresh, every image.
         """
         n = len(self.mask_loader.dataset)
         if self.mask_mode == "random":
@@ -347,8 +378,13 @@ class SALMTrainer(Trainer):
                 masks.append(topk_mask(torch.rand(x.shape[0], *x.shape[2:], generator=gen), self.k).bool())
             self.masks = torch.cat(masks).to(self.state.device)
             return
-        indices, sample_masks, sums, counts = [], [], None, None
-        for scores, y, idx in self._clean_saliency():
+        use_subset = subset and self.mask_mode == "class" and self.subset_loader is not None
+        choose = self.mask_mode == "class" and self.refresh_samples > 0 and self.subset_loader is None
+        indices, labels, sample_masks, sums, counts = [], [], [], None, None
+        for scores, y, idx in self._clean_saliency(self.subset_loader if use_subset else self.shard_loader):
+            if choose:
+                indices.append(idx.cpu())
+                labels.append(y.cpu())
             if self.mask_mode == "sample":
                 indices.append(idx.cpu())
                 sample_masks.append(topk_mask(scores, self.k).bool().cpu())
@@ -357,6 +393,8 @@ class SALMTrainer(Trainer):
             sums, counts = _grow(sums, counts, int(y.max()) + 1, scores.shape[1:], scores.device)
             sums.index_add_(0, y, norm)
             counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
+        if choose:
+            self._choose_subset(indices, labels)
         if self.mask_mode == "sample":
             masks = [None] * n
             for part in gather((torch.cat(indices), torch.cat(sample_masks)) if indices else None):
