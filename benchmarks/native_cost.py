@@ -180,7 +180,8 @@ def floor_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = 16, train
 
 #: the refresh table's trainings: every image scored at each epoch's mask refresh (the default), a subset of 64
 #: (``refresh_samples``), and no refresh after the first (the limit of a fixed subset as the data grow)
-REFRESH_TRAININGS = (("train", {}), ("train_refresh64", {"refresh_samples": 64}), ("train_refresh_once", {"mask_refresh": 0}))
+REFRESH_TRAININGS = (("train", {}), ("train_refresh64", {"refresh_samples": 64}),
+                     ("train_refresh_once", {"mask_refresh": 0}))
 
 
 def train_batch_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = DEFAULTS["batch_size"],
@@ -188,8 +189,9 @@ def train_batch_table(sizes=((28, 28), (64, 64), (28, 28, 28)), batch: int = DEF
                       trainings=(("train", {}), ("train_joint", {"joint_step": True}))) -> list[dict]:
     """Training per image-epoch at the default batch (two batches per epoch), per training (the default and the joint
     step unless given), against the floor at that batch: the per-batch costs (optimizer steps, engine events) are
-    shared by as many images as in a real training, where the floor table's batch of 16 shares them by 16. Also against one ordinary training step
-    of the surrogate per image (its backward computes weight gradients, which the floor's does not)."""
+    shared by as many images as in a real training, where the floor table's batch of 16 shares them by 16. Also
+    against one ordinary training step of the surrogate per image (its backward computes weight gradients, which
+    the floor's does not)."""
     rows = []
     for size in sizes:
         _, generator, surrogate, _ = load_protection(

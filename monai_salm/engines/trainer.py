@@ -378,10 +378,11 @@ class SALMTrainer(Trainer):
                 masks.append(topk_mask(torch.rand(x.shape[0], *x.shape[2:], generator=gen), self.k).bool())
             self.masks = torch.cat(masks).to(self.state.device)
             return
-        use_subset = subset and self.mask_mode == "class" and self.subset_loader is not None
+        # the subset is only ever chosen in class mode
+        loader = self.subset_loader if subset and self.subset_loader is not None else self.shard_loader
         choose = self.mask_mode == "class" and self.refresh_samples > 0 and self.subset_loader is None
         indices, labels, sample_masks, sums, counts = [], [], [], None, None
-        for scores, y, idx in self._clean_saliency(self.subset_loader if use_subset else self.shard_loader):
+        for scores, y, idx in self._clean_saliency(loader):
             if choose:
                 indices.append(idx.cpu())
                 labels.append(y.cpu())
